@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from metaprep.bench.config_transfer import expected_random_regret, normalized_regret
+from metaprep.bench.config_transfer import expected_random_regret, normalized_regret, rank_quantile
 from metaprep.errors import ConfigError, DataError
 from metaprep.transfer.metadataset import (
     MetaDataset,
@@ -144,22 +144,26 @@ def test_quicktune_reader(tmp_path: Path):
 
 
 def _log_adapt_runs(uri: str) -> None:
-    import mlflow
+    """Runs as jobs.adapt logs them (params config.*, tag meta_feature.*, query_loss per step, ...)."""
+    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.tracking import MlflowClient
 
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment("metaprep-adapt")
+    client = MlflowClient(uri)
+    exp = client.create_experiment("metaprep-adapt")
     for task, n_examples in (("persona-1", 40), ("persona-2", 80), ("persona-3", 160)):
-        for lr, rank in itertools.product((1e-3, 1e-2), (4, 8)):
-            with mlflow.start_run():
-                mlflow.log_params({"config.lr": lr, "config.steps": 10, "config.shots": 5, "config.rank": rank,
-                                   "config.reparam": "tarp", "task": task})
-                mlflow.set_tag("meta_feature.n_examples", n_examples)
-                final = 3.0 - 50 * lr - 0.01 * rank + 0.001 * n_examples
-                for step in range(3):
-                    mlflow.log_metric("query_loss", final + 0.5 * (2 - step), step=step)
-                mlflow.log_metrics({"final_query_loss": final, "cost_s": 0.1 * rank})
-    with mlflow.start_run():  # a run of another kind (no config.* params) is not a meta-dataset row
-        mlflow.log_metric("query_loss", 1.0)
+        for lr, rank in ((1e-3, 4), (1e-2, 8), (1e-2, 4)):
+            run = client.create_run(exp)
+            final = 3.0 - 50 * lr - 0.01 * rank + 0.001 * n_examples
+            params = {"config.lr": lr, "config.steps": 10, "config.shots": 5, "config.rank": rank,
+                      "config.reparam": "tarp", "task": task}
+            metrics = [Metric("query_loss", final + 0.5 * (2 - step), 0, step) for step in range(3)]
+            metrics += [Metric("final_query_loss", final, 0, 0), Metric("cost_s", 0.1 * rank, 0, 0)]
+            client.log_batch(run.info.run_id, metrics=metrics, params=[Param(k, str(v)) for k, v in params.items()],
+                             tags=[RunTag("meta_feature.n_examples", str(n_examples))])
+            client.set_terminated(run.info.run_id)
+    other = client.create_run(exp)  # a run of another kind (no config.* params) is not a meta-dataset row
+    client.log_metric(other.info.run_id, "query_loss", 1.0)
+    client.set_terminated(other.info.run_id)
 
 
 def test_mlflow_adapt_runs_are_a_metadataset_source(tmp_path: Path):
@@ -167,7 +171,7 @@ def test_mlflow_adapt_runs_are_a_metadataset_source(tmp_path: Path):
     _log_adapt_runs(uri)
     md = read_mlflow_adapt_runs(uri)
     assert md.source_format == "mlflow" and md.datasets() == ["persona-1", "persona-2", "persona-3"]
-    assert md.meta_feature_names == ["n_examples"] and len(md.rows) == 12
+    assert md.meta_feature_names == ["n_examples"] and len(md.rows) == 9
     assert set(md.config_names) == {"lr", "steps", "shots", "rank", "reparam"}
     row = md.pools()["persona-1"]
     best = int(np.argmax(row.performance))
@@ -204,6 +208,10 @@ def test_normalized_regret():
     assert normalized_regret(perf, [2, 3, 1], 2) == pytest.approx(0.2)
     assert normalized_regret(perf, [0, 2], 5) == pytest.approx(0.6)
     assert normalized_regret(np.ones(3), [0], 1) == 0.0
+
+
+def test_rank_quantile_averages_ties():
+    np.testing.assert_allclose(rank_quantile(np.array([3.0, 1.0, 3.0, 0.0, 5.0])), [0.625, 0.25, 0.625, 0.0, 1.0])
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 5])
@@ -313,7 +321,7 @@ def test_recommend_cli_happy_path(tmp_path: Path, generic_csv: Path):
     out = tmp_path / "portfolio.json"
     proc = _job("jobs.recommend", "--train-meta", str(generic_csv), "--meta-features", '{"m": 0.5}',
                 "--top-k", "3", "--cost-aware", "--summary-out", str(out), "--surrogate-dir", str(tmp_path / "s"),
-                "--fit-steps", "300")
+                "--fit-steps", "100")
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
     assert summary == json.loads(out.read_text())

@@ -95,8 +95,10 @@ class ModelPlan:
     seq_len: int
     steps: int  # measured steps per configuration (after the warm-up)
     budget_s: float  # measuring time per configuration; fewer steps when the warm-up says so
-    methods: tuple[str, ...] = METHODS
-    precisions: tuple[str, ...] = ("fp32", "bf16")
+    baselines: tuple[str, ...] = ALGORITHMS  # algorithms also measured with `sequential` and `higher`
+    bf16: tuple[str, ...] = ALGORITHMS  # algorithms measured in bf16 autocast (next to fp32)
+    bf16_meta_batch: int = META_BATCH  # meta-batch of the fp32-vs-bf16 pair
+    long_step_s: float = 5.0  # once this model's batched step is longer, later configurations skip the warm-up
 
 
 @dataclasses.dataclass
@@ -128,12 +130,15 @@ def make_plan(args: argparse.Namespace) -> Plan:
     threads = int(os.environ.get("METAPREP_BENCH_THREADS") or 1)
     small_path = getattr(args, "model_path", None) or default_small_model()
     small_label = "stories260K" if "stories260K" in small_path else Path(small_path).name or small_path
-    small = ModelPlan(small_label, small_path, shots=2 if quick else 4, query_size=2 if quick else 4, seq_len=16,
-                      steps=1 if quick else 5, budget_s=2.0 if quick else 8.0)
     if quick:  # LoRA + TARP + TAMS, first order; second order is in the memory probes
+        small = ModelPlan(small_label, small_path, shots=2, query_size=2, seq_len=16, steps=1, budget_s=2.0)
         return Plan(True, threads, [small], algorithms=("fomaml", "mltd"), memory_model=small.label,
                     memory_inner_steps=(1,), framework=False, profile=False)
-    large = ModelPlan("SmolLM2-135M", SMOLLM, shots=1, query_size=1, seq_len=16, steps=3, budget_s=12.0)
+    small = ModelPlan(small_label, small_path, shots=4, query_size=4, seq_len=16, steps=3, budget_s=6.0)
+    # SmolLM2 on one core: a fomaml step is ~10 s and a bf16 one ~10x that (no bf16 instructions here), so
+    # the baselines run for fomaml only and fp32-vs-bf16 compares meta-batches of 2 (tasks/s at equal T).
+    large = ModelPlan("SmolLM2-135M", SMOLLM, shots=1, query_size=1, seq_len=12, steps=2, budget_s=30.0,
+                      baselines=("fomaml",), bf16=("fomaml",), bf16_meta_batch=2)
     return Plan(False, threads, [small, large], memory_model=large.label)
 
 
@@ -355,32 +360,22 @@ class Setup:
         self.params = trainable_parameters(self.model)
         self.opt = torch.optim.AdamW(self.params, lr=self.cfg.meta.outer_lr)
         self.second_order = not self.model.algorithm.first_order
+        self.meta_batch = META_BATCH
         self._plain: PlainMetaModel | None = None
 
-    def finish(self, params: list[torch.Tensor], opt: torch.optim.Optimizer) -> None:
-        torch.nn.utils.clip_grad_norm_(params, self.cfg.meta.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    def subset(self, num_tasks: int) -> Setup:
+        """The same model and optimizer on the first ``num_tasks`` tasks of the meta-batch."""
+        other = copy.copy(self)
+        idx = list(range(num_tasks))
+        other.support, other.query = self.support.select(idx), self.query.select(idx)
+        other.tokens = int(other.support.attention_mask.sum() + other.query.attention_mask.sum())
+        other.rows = (other.support.input_ids.numel(), other.query.input_ids.numel())
+        other.meta_batch = num_tasks
+        return other
 
-    def batched(self, precision: str = "fp32") -> None:
-        with _autocast(precision):
-            losses, _ = self.model(self.support, self.query, 0)
-        (losses.float().sum() / META_BATCH).backward()
-        self.finish(self.params, self.opt)
-
-    def sequential(self, precision: str = "fp32") -> None:
-        total = 0.0
-        for i in range(self.support.num_tasks):
-            with _autocast(precision):
-                losses, _ = self.model(self.support.select([i]), self.query.select([i]), 0)
-            total = total + losses.float().sum()
-        (total / META_BATCH).backward()
-        self.finish(self.params, self.opt)
-
-    def higher(self, precision: str = "fp32") -> None:
-        import higher
-
-        if self._plain is None:
+    def prepare(self, method: str) -> None:
+        """Build what a method needs outside the timed steps (the plain model of ``higher``)."""
+        if method == "higher" and self._plain is None:
             lm = copy.deepcopy(self.base.model)
             if self.second_order:
                 lm.set_attn_implementation("eager")
@@ -391,6 +386,31 @@ class Setup:
             fast_ids = {id(p) for p in self._plain.fast}
             self._lm_params = list(self._plain.lm.parameters())
             self._fast_index = [i for i, p in enumerate(self._lm_params) if id(p) in fast_ids]
+
+    def finish(self, params: list[torch.Tensor], opt: torch.optim.Optimizer) -> None:
+        torch.nn.utils.clip_grad_norm_(params, self.cfg.meta.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def batched(self, precision: str = "fp32") -> None:
+        with _autocast(precision):
+            losses, _ = self.model(self.support, self.query, 0)
+        (losses.float().sum() / self.meta_batch).backward()
+        self.finish(self.params, self.opt)
+
+    def sequential(self, precision: str = "fp32") -> None:
+        total = 0.0
+        for i in range(self.support.num_tasks):
+            with _autocast(precision):
+                losses, _ = self.model(self.support.select([i]), self.query.select([i]), 0)
+            total = total + losses.float().sum()
+        (total / self.meta_batch).backward()
+        self.finish(self.params, self.opt)
+
+    def higher(self, precision: str = "fp32") -> None:
+        import higher
+
+        self.prepare("higher")
         plain, cfg = self._plain, self.cfg
         tau = temperature(0, cfg.meta.meta_steps, cfg.search.tau_start, cfg.search.tau_end)
         for i in range(self.support.num_tasks):
@@ -402,7 +422,7 @@ class Setup:
                                           track_higher_grads=self.second_order) as (fmodel, diffopt):
                     for _ in range(cfg.meta.inner_steps):
                         diffopt.step(lm_task_losses(fmodel, support).sum())
-                    loss = lm_task_losses(fmodel, query).float().sum() / META_BATCH
+                    loss = lm_task_losses(fmodel, query).float().sum() / self.meta_batch
             loss.backward()
             if not self.second_order:  # first order: adapted factors are detached leaves
                 final = fmodel.fast_params
@@ -414,26 +434,29 @@ class Setup:
         self.finish(self._plain_params, self._plain_opt)
 
 
-def measure(step, steps: int, budget_s: float, count_flops: bool = False) -> dict:
-    """A warm-up step, up to ``steps`` timed steps within ``budget_s``, then (untimed) a FLOP-counted step."""
+def measure(step, steps: int, budget_s: float, count_flops: bool = False, warmup: bool = True,
+            expected_s: float | None = None) -> dict:
+    """A warm-up step (untimed; it counts FLOPs when asked), then up to ``steps`` timed steps within ``budget_s``.
+
+    Without ``warmup`` (long steps on an already warm model) the step count comes from ``expected_s``.
+    """
     from torch.utils.flop_counter import FlopCounterMode
 
-    t = time.perf_counter()
-    step()
-    warmup = time.perf_counter() - t
-    n = max(1, min(steps, int(budget_s // max(warmup, 1e-6))))
+    flops, warm = None, None
+    if warmup:
+        t = time.perf_counter()
+        with FlopCounterMode(display=False) if count_flops else contextlib.nullcontext() as counter:
+            step()
+        warm = time.perf_counter() - t
+        flops = int(counter.get_total_flops()) if count_flops else None
+    n = max(1, min(steps, int(budget_s // max(warm or expected_s or budget_s, 1e-6))))
     times, cpu = [], []
     for _ in range(n):
         t, c = time.perf_counter(), time.process_time()
         step()
         times.append(time.perf_counter() - t)
         cpu.append(time.process_time() - c)
-    flops = None
-    if count_flops:
-        with FlopCounterMode(display=False) as counter:
-            step()
-        flops = int(counter.get_total_flops())
-    return {"warmup_s": warmup, "step_s": times, "cpu_s": cpu, "median_s": statistics.median(times), "flops": flops}
+    return {"warmup_s": warm, "step_s": times, "cpu_s": cpu, "median_s": statistics.median(times), "flops": flops}
 
 
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear",
@@ -645,7 +668,7 @@ def _run(plan: Plan, args: argparse.Namespace) -> dict:
         torch.set_num_threads(cores)
         machine["peak_all_cores"] = {"threads": cores, **matmul_peak(plan.quick)}
         torch.set_num_threads(plan.threads)
-    configs, profiles = [], {}
+    configs = []
     for model in plan.models:
         try:
             base = load_base_model(meta_config(model, "fomaml", 1).model)
@@ -654,27 +677,32 @@ def _run(plan: Plan, args: argparse.Namespace) -> dict:
             continue
         for algorithm in plan.algorithms:
             setup = Setup(model, algorithm, plan.inner_steps, base)
-            for method in model.methods:
-                for precision in model.precisions if method == "batched" else ("fp32",):
-                    _log(f"{model.label} {algorithm} {method} {precision}")
-                    step = lambda m=method, p=precision, s=setup: getattr(s, m)(p)
-                    fp32 = _find(configs, model.label, algorithm, method, "fp32") if precision != "fp32" else None
-                    try:
-                        timing = measure(step, model.steps, model.budget_s,
-                                         count_flops=method == "batched" and fp32 is None)
-                        if fp32 is not None:  # same ops in bf16: reuse the fp32 count
-                            timing["flops"] = fp32.get("flops")
-                    except Exception as exc:  # noqa: BLE001 - a baseline that cannot run is reported
-                        configs.append({"model": model.label, "algorithm": algorithm, "method": method,
-                                        "precision": precision, "error": f"{exc.__class__.__name__}: {exc}"})
-                        continue
+            jobs = [(setup, "batched", "fp32")]
+            if algorithm in model.baselines:
+                jobs += [(setup, "sequential", "fp32"), (setup, "higher", "fp32")]
+            if algorithm in model.bf16:
+                pair = setup if model.bf16_meta_batch == META_BATCH else setup.subset(model.bf16_meta_batch)
+                jobs += ([(pair, "batched", "fp32")] if pair is not setup else []) + [(pair, "batched", "bf16")]
+            for job, method, precision in jobs:
+                _log(f"{model.label} {algorithm} {method} {precision} T={job.meta_batch}")
+                job.prepare(method)
+                step = lambda m=method, p=precision, s=job: getattr(s, m)(p)
+                first = _find(configs, model.label, algorithm, "batched", "fp32")
+                warm = first is None or first.get("median_s", 0.0) <= model.long_step_s
+                same = _find(configs, model.label, algorithm, method, "fp32", job.meta_batch)
+                try:
+                    timing = measure(step, model.steps if warm else 1, model.budget_s, warmup=warm,
+                                     count_flops=method == "batched" and same is None and warm)
+                    if timing["flops"] is None and same is not None and method == "batched":
+                        timing["flops"] = same.get("flops")  # same ops in bf16: reuse the fp32 count
+                except Exception as exc:  # noqa: BLE001 - a baseline that cannot run is reported
                     configs.append({"model": model.label, "algorithm": algorithm, "method": method,
-                                    "precision": precision, "tokens": setup.tokens, "padded_rows": setup.rows,
-                                    "inner_steps": plan.inner_steps, **timing})
-                    if plan.profile and algorithm == "fomaml" and (
-                            (model.label == plan.models[0].label and precision == "fp32")
-                            or (model.label == plan.models[-1].label and method == "batched")):
-                        profiles[f"{model.label}/{algorithm}/{method}/{precision}"] = profile_step(step)
+                                    "precision": precision, "meta_batch": job.meta_batch,
+                                    "error": f"{exc.__class__.__name__}: {exc}"})
+                    continue
+                configs.append({"model": model.label, "algorithm": algorithm, "method": method,
+                                "precision": precision, "meta_batch": job.meta_batch, "tokens": job.tokens,
+                                "padded_rows": job.rows, "inner_steps": plan.inner_steps, **timing})
             if algorithm == "fomaml":
                 batched = _find(configs, model.label, algorithm, "batched", "fp32")
                 if batched is not None:
@@ -700,7 +728,7 @@ def _run(plan: Plan, args: argparse.Namespace) -> dict:
             "measurements": peaks}
     for c in configs:
         if "median_s" in c:
-            c["tasks_per_s"] = META_BATCH / c["median_s"]
+            c["tasks_per_s"] = c["meta_batch"] / c["median_s"]
             c["tokens_per_s"] = c["tokens"] / c["median_s"]
             if c.get("flops"):
                 c["achieved_gflops"] = c["flops"] / c["median_s"] / 1e9
@@ -710,11 +738,16 @@ def _run(plan: Plan, args: argparse.Namespace) -> dict:
         "results": _rows(configs, framework, memory, peak),
         "machine": machine, "plan": dataclasses.asdict(plan), "peak": peak, "configs": configs,
         "framework": framework or {"skipped": "--quick" if plan.quick else "no plain-torch baseline"},
-        "memory": memory, "profiles": profiles,
-        "load_avg": {"before": load_before, "after": os.getloadavg()},
-        "suite_wall_s": time.perf_counter() - start,
+        "memory": memory, "profiles": {},
     }
     report["targets"] = evaluate_targets(report)
+    if plan.profile:
+        report["profiles"] = profile_for_targets(plan, report["targets"])
+    for name, t in report["targets"].items():
+        if t["met"] is False:
+            t["explanation"] = _explain(name, report)
+    report["load_avg"] = {"before": load_before, "after": os.getloadavg()}
+    report["suite_wall_s"] = time.perf_counter() - start
     report["table_md"] = summary_table(report)
     out = getattr(args, "out", None)
     if out:
@@ -737,9 +770,11 @@ def _ffn_shape(base: LoadedModel, model: ModelPlan) -> tuple[int, int, int]:
     return rows, cfg.hidden_size, getattr(cfg, "intermediate_size", 4 * cfg.hidden_size)
 
 
-def _find(configs: list[dict], model: str, algorithm: str, method: str, precision: str) -> dict | None:
-    return next((c for c in configs if (c.get("model"), c.get("algorithm"), c.get("method"), c.get("precision"))
-                 == (model, algorithm, method, precision)), None)
+def _find(configs: list[dict], model: str, algorithm: str, method: str, precision: str,
+          meta_batch: int = META_BATCH) -> dict | None:
+    key = (model, algorithm, method, precision, meta_batch)
+    return next((c for c in configs if (c.get("model"), c.get("algorithm"), c.get("method"), c.get("precision"),
+                                        c.get("meta_batch")) == key), None)
 
 
 def _rows(configs: list[dict], framework: dict | None, memory: list[dict], peak: dict) -> list[dict]:
@@ -748,8 +783,9 @@ def _rows(configs: list[dict], framework: dict | None, memory: list[dict], peak:
     for c in configs:
         if "step_s" not in c:
             continue
-        setting = {"model": c["model"], "algorithm": c["algorithm"], "precision": c["precision"]}
-        rows.append(result(c["method"], "tasks_per_s", [META_BATCH / t for t in c["step_s"]], **setting))
+        setting = {"model": c["model"], "algorithm": c["algorithm"], "precision": c["precision"],
+                   "meta_batch": c["meta_batch"]}
+        rows.append(result(c["method"], "tasks_per_s", [c["meta_batch"] / t for t in c["step_s"]], **setting))
         rows.append(result(c["method"], "tokens_per_s", [c["tokens"] / t for t in c["step_s"]], **setting))
         if c.get("flops"):
             rows.append(result(c["method"], "mfu", [c["flops"] / t / 1e9 / peak[f"{c['precision']}_gflops"]
@@ -784,8 +820,8 @@ def evaluate_targets(report: dict) -> dict:
     configs, labels = report["configs"], [m["label"] for m in report["plan"]["models"]]
     small, large = labels[0], (labels[-1] if len(labels) > 1 else None)
 
-    def tps(model, algorithm, method, precision="fp32"):
-        c = _find(configs, model, algorithm, method, precision)
+    def tps(model, algorithm, method, precision="fp32", meta_batch=META_BATCH):
+        c = _find(configs, model, algorithm, method, precision, meta_batch)
         return c.get("tasks_per_s") if c else None
 
     def target(name: str, model: str | None, values: dict, higher_is_better: bool = True) -> dict:
@@ -805,8 +841,10 @@ def evaluate_targets(report: dict) -> dict:
             a: _ratio(tps(small, a, "batched"), tps(small, a, "higher")) for a in algos}),
     }
     if large:
+        pair = report["plan"]["models"][-1]["bf16_meta_batch"]
         out["bf16_vs_fp32"] = target("bf16_vs_fp32", large, {
-            a: _ratio(tps(large, a, "batched", "bf16"), tps(large, a, "batched")) for a in algos})
+            a: _ratio(tps(large, a, "batched", "bf16", pair), tps(large, a, "batched", "fp32", pair)) for a in algos})
+        out["bf16_vs_fp32"]["meta_batch"] = pair
         out["mfu_fp32"] = target("mfu_fp32", large, {
             a: (_find(configs, large, a, "batched", "fp32") or {}).get("mfu") for a in algos})
     fw = report["framework"]
@@ -815,9 +853,52 @@ def evaluate_targets(report: dict) -> dict:
         out["ray_deepspeed_overhead"] = target("ray_deepspeed_overhead", fw["model"],
                                                {"fomaml": ray1.get("overhead_vs_plain_torch")},
                                                higher_is_better=False)
-    for name, t in out.items():
-        if t["met"] is False:
-            t["explanation"] = _explain(name, report)
+    return out
+
+
+def _worst(target: dict, higher_is_better: bool = True) -> str:
+    values = target["by_algorithm"]
+    return (min if higher_is_better else max)(values, key=values.get) if values else "fomaml"
+
+
+def profile_key(model: str, algorithm: str, method: str, precision: str, meta_batch: int = META_BATCH) -> str:
+    return f"{model}/{algorithm}/{method}/{precision}/T={meta_batch}"
+
+
+def profile_for_targets(plan: Plan, targets: dict) -> dict:
+    """torch.profiler summaries of the configurations behind each missed target (fomaml, or the worst algorithm)."""
+    small, large = plan.models[0], plan.models[-1]
+    wanted: list[tuple[ModelPlan, str, str, str, int]] = []
+    for name, t in targets.items():
+        if t["met"] is not False:
+            continue
+        if name == "bf16_vs_fp32":
+            pair = large.bf16_meta_batch
+            wanted += [(large, "fomaml", "batched", "fp32", pair), (large, "fomaml", "batched", "bf16", pair)]
+        elif name == "mfu_fp32":
+            wanted.append((large, "fomaml", "batched", "fp32", META_BATCH))
+        elif name in ("batched_vs_sequential", "batched_vs_higher"):
+            other = "sequential" if name == "batched_vs_sequential" else "higher"
+            wanted += [(small, _worst(t), "batched", "fp32", META_BATCH), (small, _worst(t), other, "fp32", META_BATCH)]
+    out: dict[str, dict] = {}
+    for model in {w[0].label: w[0] for w in wanted}.values():
+        base = load_base_model(meta_config(model, "fomaml", 1).model)
+        for algorithm in dict.fromkeys(w[1] for w in wanted if w[0].label == model.label):
+            setup = Setup(model, algorithm, plan.inner_steps, base)
+            for _, _, method, precision, meta_batch in dict.fromkeys(
+                    w for w in wanted if w[0].label == model.label and w[1] == algorithm):
+                key = profile_key(model.label, algorithm, method, precision, meta_batch)
+                if key in out:
+                    continue
+                _log(f"profile {key}")
+                job = setup if meta_batch == META_BATCH else setup.subset(meta_batch)
+                if precision == "fp32":
+                    getattr(job, method)(precision)  # warm-up (bf16 steps are long: the fp32 one warmed the model)
+                out[key] = profile_step(lambda s=job, m=method, p=precision: getattr(s, m)(p))
+            del setup
+            gc.collect()
+        del base
+        gc.collect()
     return out
 
 
@@ -827,7 +908,8 @@ def _explain(name: str, report: dict) -> str:
     large = labels[-1]
     if name == "bf16_vs_fp32":
         lin = machine.get("linear_gflops", {}).get(large, {})
-        prof = profiles.get(f"{large}/fomaml/batched/bf16", {})
+        pair = report["plan"]["models"][-1]["bf16_meta_batch"]
+        prof = profiles.get(profile_key(large, "fomaml", "batched", "bf16", pair), {})
         instr = ", ".join(machine["bf16_instructions"]) or "none"
         return (f"bf16 is slower than fp32 on this CPU ({machine['cpu']}; bf16 instructions: {instr}; torch CPU "
                 f"capability {machine['cpu_capability']}): the measured torch.mm peak is "
@@ -842,7 +924,7 @@ def _explain(name: str, report: dict) -> str:
                 f"AVX512-BF16) or a GPU.")
     if name == "mfu_fp32":
         lin = machine.get("linear_gflops", {}).get(large, {})
-        prof = profiles.get(f"{large}/fomaml/batched/fp32", {})
+        prof = profiles.get(profile_key(large, "fomaml", "batched", "fp32"), {})
         share, mm = prof.get("matmul_share"), prof.get("matmul_gflops")
         bound = share * mm / peak["fp32_gflops"] if share and mm else None
         return (f"Profile of the {large} fomaml fp32 meta-step: matmuls take {_fmt(share, '.0%')} of op time and run "
@@ -854,10 +936,11 @@ def _explain(name: str, report: dict) -> str:
                 f"{_fmt(bound, '.0%')}. Top ops: "
                 + ", ".join(f"{o['op']} {o['self_s']:.2f}s" for o in prof.get("top_ops", [])[:5]) + ".")
     if name in ("batched_vs_sequential", "batched_vs_higher"):
-        small = labels[0]
+        small, algorithm = labels[0], _worst(report["targets"][name])
         other = "sequential" if name == "batched_vs_sequential" else "higher"
-        pb, po = profiles.get(f"{small}/fomaml/batched/fp32", {}), profiles.get(f"{small}/fomaml/{other}/fp32", {})
-        return (f"Profile ({small}, fomaml): batched op time {_fmt(pb.get('ops_s'))} s, {other} "
+        pb = profiles.get(profile_key(small, algorithm, "batched", "fp32"), {})
+        po = profiles.get(profile_key(small, algorithm, other, "fp32"), {})
+        return (f"Profile ({small}, {algorithm}): batched op time {_fmt(pb.get('ops_s'))} s, {other} "
                 f"{_fmt(po.get('ops_s'))} s; top batched ops: "
                 + ", ".join(f"{o['op']} {o['self_s']:.3f}s x{o['calls']}" for o in pb.get("top_ops", [])[:5]) + ".")
     if name == "ray_deepspeed_overhead":
@@ -874,22 +957,25 @@ def _explain(name: str, report: dict) -> str:
 
 def summary_table(report: dict) -> str:
     """The README table: per model and algorithm, methods and precisions; framework; memory; peak."""
-    configs, labels = report["configs"], [m["label"] for m in report["plan"]["models"]]
+    configs = report["configs"]
     lines = ["| model | algorithm | batched tasks/s | sequential tasks/s | higher tasks/s | batched ÷ seq | "
-             "batched ÷ higher | batched tokens/s | bf16 tasks/s | bf16 ÷ fp32 | MFU fp32 |",
+             "batched ÷ higher | batched tokens/s | MFU fp32 | bf16 tasks/s (T) | bf16 ÷ fp32 at that T |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for model in labels:
+    for plan_model in report["plan"]["models"]:
+        model, pair = plan_model["label"], plan_model["bf16_meta_batch"]
         for a in report["plan"]["algorithms"]:
-            get = lambda method, p="fp32": _find(configs, model, a, method, p) or {}  # noqa: B023
-            b, s, h, b16 = get("batched"), get("sequential"), get("higher"), get("batched", "bf16")
+            get = lambda method, p="fp32", t=META_BATCH: _find(configs, model, a, method, p, t) or {}  # noqa: B023
+            b, s, h = get("batched"), get("sequential"), get("higher")
+            b16, f32 = get("batched", "bf16", pair), get("batched", "fp32", pair)
             if not b:
                 continue
             lines.append("| " + " | ".join([
                 model, a, _fmt(b.get("tasks_per_s")), _fmt(s.get("tasks_per_s")), _fmt(h.get("tasks_per_s")),
                 _fmt(_ratio(b.get("tasks_per_s"), s.get("tasks_per_s")), ".2f"),
                 _fmt(_ratio(b.get("tasks_per_s"), h.get("tasks_per_s")), ".2f"), _fmt(b.get("tokens_per_s"), ".0f"),
-                _fmt(b16.get("tasks_per_s")), _fmt(_ratio(b16.get("tasks_per_s"), b.get("tasks_per_s")), ".2f"),
-                _fmt(b.get("mfu"), ".1%")]) + " |")
+                _fmt(b.get("mfu"), ".1%"),
+                f"{_fmt(b16.get('tasks_per_s'))} ({pair})" if b16 else "–",
+                _fmt(_ratio(b16.get("tasks_per_s"), f32.get("tasks_per_s")), ".2f")]) + " |")
     fw = report["framework"]
     if fw.get("launches"):
         lines += ["", f"Framework overhead ({fw['model']}, fomaml, meta-batch {META_BATCH}, the worker loop's own "
