@@ -1,5 +1,6 @@
 """Adapt a prepared model from the registry to a new task: ``python -m jobs.adapt --base URI --controller URI
---tasks FILE.jsonl [--task NAME] --shots K --steps N``.
+--tasks FILE.jsonl [--task NAME] --shots K --steps N`` (or ``--meta-test``: a held-out task of the recipe's
+family and fixed split, e.g. a ConvAI2 persona the model never saw).
 
 Loads ``NAME-base`` and ``NAME-controller`` by URI (``models:/NAME-base@champion``, a version, or a
 local exported folder), takes K support examples of the task (JSONL: ``{"task", "text"}`` or
@@ -29,8 +30,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jobs.adapt", description=__doc__.splitlines()[0])
     p.add_argument("--base", required=True, help="models:/NAME-base@ALIAS, models:/NAME-base/VERSION or a folder")
     p.add_argument("--controller", required=True, help="models:/NAME-controller@ALIAS, .../VERSION or a folder")
-    p.add_argument("--tasks", required=True, help="JSONL file (or folder of *.jsonl) with the new task's examples")
-    p.add_argument("--task", help="task name inside --tasks (required when the file holds several tasks)")
+    p.add_argument("--tasks", help="JSONL file (or folder of *.jsonl) with the new task's examples")
+    p.add_argument("--meta-test", action="store_true",
+                   help="instead of --tasks: a held-out meta-test task of the recipe the model was prepared with "
+                        "(its task family and fixed split)")
+    p.add_argument("--data-dir", help="with --meta-test: the family's data root (default: the recipe's, "
+                                      "$METAPREP_DATA_DIR, ../shared/data)")
+    p.add_argument("--task", help="task name inside --tasks (required when the file holds several tasks); with "
+                                  "--meta-test, default the first meta-test task")
     p.add_argument("--shots", type=int, default=8, help="support examples (k)")
     p.add_argument("--steps", type=int, default=10, help="adaptation steps")
     p.add_argument("--lr", type=float, default=None, help="adaptation learning rate (default: the recipe's inner lr)")
@@ -44,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(args: argparse.Namespace) -> None:
+    if (args.tasks is None) == (not args.meta_test):
+        raise ConfigError("--tasks / --meta-test: give exactly one (a JSONL file of the new task, or --meta-test for "
+                          "a held-out task of the recipe's family)")
+    if args.data_dir and not args.meta_test:
+        raise ConfigError("--data-dir: only used with --meta-test")
     for name, low in (("shots", 1), ("steps", 1), ("query_size", 1)):
         if getattr(args, name) < low:
             raise ConfigError(f"--{name.replace('_', '-')}: must be >= {low}, got {getattr(args, name)}")
@@ -61,6 +73,28 @@ def pick_task(tasks, name: str | None, source: str):
         if t.name == name:
             return t
     raise DataError(f"{source}: no task named {name!r} (available: {', '.join(names[:10])})")
+
+
+def meta_test_task(cfg, data_dir: str | None, name: str | None) -> tuple:
+    """A task of the meta-test split of the recipe ``cfg`` (same family, same fixed split seed)."""
+    import dataclasses
+
+    from metaprep.train.loop import load_split
+
+    if data_dir is not None:
+        cfg = dataclasses.replace(cfg, tasks=dataclasses.replace(cfg.tasks, data_dir=data_dir))
+    split = load_split(cfg)
+    source = f"--meta-test (tasks.family={cfg.tasks.family}, split seed {cfg.tasks.split_seed})"
+    if not split.test:
+        raise DataError(f"{source}: the recipe's meta-test split is empty; pass --tasks FILE")
+    return (pick_task(split.test, name, source) if name else split.test[0]), source
+
+
+def check_size(task, shots: int, source: str):
+    if len(task.examples) < shots + 1:
+        raise DataError(f"{source}: task {task.name!r} has {len(task.examples)} examples; --shots {shots} "
+                        f"needs at least {shots + 1} (support + 1 query)")
+    return task
 
 
 def meta_features(task, support, tokenizer, zero_shot_loss: float) -> dict[str, float]:
@@ -81,14 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     from metaprep.tasks.base import Episode, make_batch
     from metaprep.tasks.jsonl import load_jsonl_tasks
 
-    tasks = load_jsonl_tasks(args.tasks)
-    task = pick_task(tasks, args.task, args.tasks)
-    if len(task.examples) < args.shots + 1:
-        raise DataError(f"{args.tasks}: task {task.name!r} has {len(task.examples)} examples; --shots {args.shots} "
-                        f"needs at least {args.shots + 1} (support + 1 query)")
+    if args.tasks is not None:  # the user's task is read before any model is loaded: bad input fails fast
+        task = check_size(pick_task(load_jsonl_tasks(args.tasks), args.task, args.tasks), args.shots, args.tasks)
     base_dir = resolve_artifact(args.base, None)
     ctrl_dir = resolve_artifact(args.controller, None)
     model, loaded, cfg = load_prepared(base_dir, ctrl_dir)
+    if args.meta_test:
+        task = check_size(*meta_test_task(cfg, args.data_dir, args.task), args.shots)
     lr = args.lr if args.lr is not None else cfg.meta.inner_lr
 
     rng = random.Random(args.seed)

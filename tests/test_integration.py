@@ -161,3 +161,19 @@ def test_unknown_registry_uri_is_one_line(stack) -> None:
         resolve_artifact("models:/does-not-exist-base@champion", stack["mlflow"])
     with pytest.raises(RegistryError, match="malformed registry URI"):
         resolve_artifact("models:/a/b/c", stack["mlflow"])
+
+
+def test_adapt_meta_test_task_of_the_recipe(stack, trained, tmp_path) -> None:
+    """``--meta-test`` adapts a held-out task of the recipe's own family and split (never a training task)."""
+    from metaprep.config import MetaTrainConfig, load_config
+    from metaprep.train.loop import load_split
+
+    out = tmp_path / "adapt.json"
+    proc = submit(stack, "jobs.adapt", "--base", f"models:/{trained['name']}-base@candidate",
+                  "--controller", f"models:/{trained['name']}-controller@candidate", "--meta-test",
+                  "--shots", "4", "--steps", "5", "--no-mlflow", "--summary-out", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    s = json.loads(out.read_text())
+    split = load_split(load_config(MetaTrainConfig, ROOT / "jobs" / "configs" / "tiny.yaml"))
+    assert s["task"] == split.test[0].name and s["task"] not in {t.name for t in split.train}
+    assert s["query_loss_after"] < s["query_loss_before"]

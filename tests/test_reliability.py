@@ -60,6 +60,14 @@ def test_failed_checkpoint_write_is_clear_and_keeps_the_previous_one(stack) -> N
     assert _versions(stack["mlflow"], name) == []
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _start_mlflow(port: int, state: Path) -> subprocess.Popen:
     proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
                              "--port", str(port), "--workers", "1", "--backend-store-uri",
@@ -84,7 +92,8 @@ def _stop(proc: subprocess.Popen) -> None:
 def test_mlflow_down_mid_run_loses_nothing(stack, tmp_path) -> None:
     from mlflow.tracking import MlflowClient
 
-    port, uri = 5099, "http://127.0.0.1:5099"
+    port = _free_port()
+    uri = f"http://127.0.0.1:{port}"
     server = _start_mlflow(port, tmp_path)
     name, out = f"outage-{uuid.uuid4().hex[:6]}", tmp_path / "s.json"
     args = [sys.executable, "-m", "jobs.meta_train", "--config", "jobs/configs/tiny.yaml", "--set",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ from metaprep.tune.space import DEFAULT_SWEEP, ParamSpec, trial_config
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "jobs" / "configs" / "tiny.yaml"
 SWEEP_TINY = ROOT / "jobs" / "configs" / "sweep_tiny.yaml"
+SWEEP_TRANSFER = ROOT / "jobs" / "configs" / "sweep_transfer.yaml"
 MLFLOW = os.environ.get("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{os.environ.get('MLFLOW_PORT', '5000')}")
 
 # A very short tiny recipe: 4 meta-steps, meta-validation every 2 (one ASHA rung before the end).
@@ -213,6 +215,126 @@ def test_optional_searchers(tmp_path):
     assert first["meta.inner_lr"] == 0.2 and first["meta.outer_lr"] == 0.002
     assert second["meta.inner_lr"] == 0.1 and set(second) == set(spec.space)
     assert set(third) == set(spec.space)  # after the portfolio: samples of the space
+
+
+# --------------------------------------------------------------------------- transfer recommender portfolio (fast)
+
+TRANSFER_SPACE = {"meta.inner_lr": {"loguniform": [0.03, 1.0]}, "meta.inner_steps": {"choice": [1, 2, 3]},
+                  "meta.outer_lr": {"loguniform": [3e-4, 3e-2]}}
+
+
+@pytest.fixture(scope="module")
+def surrogate_dir(tmp_path_factory) -> Path:
+    """A tiny recommender fitted on a generic CSV meta-dataset whose ground truth is monotone:
+    performance = ln(lr) + steps (+ a little for rank 8), the same on every dataset, so the best
+    candidate of the sweep space is the largest inner_lr with inner_steps 3."""
+    import csv
+
+    from metaprep.transfer.metadataset import load_metadataset
+    from metaprep.transfer.recommender import Recommender
+
+    folder = tmp_path_factory.mktemp("transfer")
+    rows = [{"dataset": f"ds{d}", "config.lr": lr, "config.steps": steps, "config.rank": rank, "meta.m": m,
+             "performance": math.log(lr) + steps + 0.1 * (rank == 8) + 0.05 * m}
+            for d, m in enumerate((0.2, 0.5, 0.8)) for lr in (0.03, 0.06, 0.1, 0.2, 0.4, 0.7, 1.0)
+            for steps in (1, 2, 3) for rank in (4, 8)]
+    with (folder / "runs.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    rec = Recommender.fit(load_metadataset(folder / "runs.csv"), seed=0, steps=300, members=4, cost_steps=0)
+    return rec.save(folder / "surrogate")
+
+
+def _transfer_sweep(folder: Path, searcher: str = "transfer", **block) -> dict:
+    rec = {"surrogate": str(folder), "meta_features": {"m": 0.5},
+           "params": {"meta.inner_lr": "lr", "meta.inner_steps": "steps"}, "fixed": {"rank": 8},
+           "candidates": 32, "top_k": 3, **block}
+    return _with_sweep({"space": TRANSFER_SPACE, "searcher": searcher, "seed": 0, "recommender": rec})
+
+
+def test_recommender_portfolio_is_proposed_first(tmp_path, surrogate_dir):
+    from metaprep.transfer.recommender import Recommender
+    from metaprep.tune.sweep import _searcher
+
+    _, _, spec = _load(tmp_path, _transfer_sweep(surrogate_dir))
+    recs = spec.recommended
+    assert [r["rank"] for r in recs] == [1, 2, 3]
+    assert spec.portfolio == [r["params"] for r in recs]  # in the recommender's rank order
+    for r in recs:
+        p = r["params"]
+        assert set(p) == {"meta.inner_lr", "meta.inner_steps"}
+        assert 0.03 <= p["meta.inner_lr"] <= 1.0 and p["meta.inner_steps"] in (1, 2, 3)
+        assert r["config"] == {"lr": p["meta.inner_lr"], "steps": p["meta.inner_steps"], "rank": 8}
+    again = Recommender.load(surrogate_dir).rank({"m": 0.5}, [r["config"] for r in recs], k=1)
+    assert again[0].config == recs[0]["config"]  # the first pick is the predicted best
+    json.dumps([spec.to_dict(), spec.recommended])  # what run_sweep logs to the MLflow parent run
+
+    # every candidate ranked (same seed, same samples): the top 3 are its prefix, and the first pick is the
+    # candidate the synthetic ground truth makes best
+    _, _, full = _load(tmp_path, _transfer_sweep(surrogate_dir, top_k=32))
+    assert [r["params"] for r in full.recommended[:3]] == spec.portfolio
+
+    def truth(p: dict) -> float:
+        return math.log(p["meta.inner_lr"]) + p["meta.inner_steps"]
+
+    best = max(truth(r["params"]) for r in full.recommended)
+    assert truth(recs[0]["params"]) >= best - 0.05 and recs[0]["params"]["meta.inner_steps"] == 3
+
+    searcher = _searcher(spec)
+    proposed = [searcher.suggest(f"t{i}") for i in range(4)]
+    for point, r in zip(proposed, recs, strict=False):
+        assert {k: point[k] for k in r["params"]} == r["params"] and set(point) == set(spec.space)
+    assert set(proposed[3]) == set(spec.space)  # then random samples of the space
+
+    # with an explicit portfolio as well: those first, then the recommender's picks
+    recipe = _transfer_sweep(surrogate_dir)
+    recipe["sweep"]["portfolio"] = [{"meta.inner_lr": 0.1}]
+    _, _, both = _load(tmp_path, recipe)
+    assert both.portfolio == [{"meta.inner_lr": 0.1}] + [r["params"] for r in recs]
+
+
+def test_registered_surrogate_needs_a_tracking_uri(tmp_path, surrogate_dir, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(ConfigError, match=r"recipe.yaml:\d+: sweep.recommender.surrogate: no MLflow tracking URI"):
+        _load(tmp_path, _transfer_sweep(surrogate_dir, surrogate="models:/metaprep-surrogate/1"))
+
+
+def test_sweep_transfer_recipe_parses(surrogate_dir):
+    from metaprep.tune.sweep import load_sweep_recipe
+
+    with pytest.raises(ConfigError, match=r"sweep_transfer.yaml:\d+: sweep.recommender.surrogate: .* is not a saved "
+                                          r"surrogate folder"):
+        load_sweep_recipe(SWEEP_TRANSFER, [f"sweep.recommender.surrogate={surrogate_dir.parent / 'missing'}"])
+    _, _, spec = load_sweep_recipe(SWEEP_TRANSFER, [  # the fixture's surrogate knows lr, steps, rank and m
+        f"sweep.recommender.surrogate={surrogate_dir}", "sweep.recommender.meta_features={m: 0.5}",
+        "sweep.recommender.params={meta.inner_lr: lr, meta.inner_steps: steps, reparam.rank: rank}",
+        "sweep.recommender.fixed={}"])
+    assert spec.searcher == "transfer" and len(spec.portfolio) == spec.recommender.top_k == 3
+
+
+@pytest.mark.parametrize("block, needle", [
+    ({"topk": 3}, "sweep.recommender.topk: unknown key; valid keys: surrogate, meta_features"),
+    ({"surrogate": None}, "sweep.recommender.surrogate: required: a folder saved by `python -m jobs.recommend"),
+    ({"params": {"meta.outer_lrr": "lr"}}, "sweep.recommender.params.meta.outer_lrr: 'meta.outer_lrr' is not a "
+                                           "swept key; swept keys: meta.inner_lr, meta.inner_steps, meta.outer_lr"),
+    ({"params": {"meta.inner_lr": "learning_rate", "meta.inner_steps": "steps"}},
+     "sweep.recommender.params.meta.inner_lr: 'learning_rate' is not a configuration name of the surrogate; "
+     "its names: lr, rank, steps"),
+    ({"fixed": {}}, "sweep.recommender.params: the surrogate's configuration names rank are neither mapped"),
+    ({"meta_features": {"n": 1.0}}, "sweep.recommender.meta_features: unknown ['n']; missing ['m']; the "
+                                    "surrogate expects exactly m"),
+    ({"top_k": 0}, "sweep.recommender.top_k: expected an integer >= 1, got 0"),
+    ({"candidates": 2}, "sweep.recommender.candidates: must be >= top_k (3)"),
+    ({"cost_aware": True}, "sweep.recommender.cost_aware: cost-aware ranking needs a meta-dataset with costs"),
+    ({"searcher": "random"}, "sweep.recommender: only used by searcher 'transfer'"),
+])
+def test_recommender_block_errors_are_one_line(tmp_path, surrogate_dir, block, needle):
+    with pytest.raises(ConfigError) as info:
+        _load(tmp_path, _transfer_sweep(surrogate_dir, **block))
+    msg = str(info.value)
+    assert needle in msg, msg
+    assert re.search(r"recipe\.yaml:\d+: sweep\.recommender", msg) and "\n" not in msg, msg
 
 
 def test_plot_marks_every_status(tmp_path):

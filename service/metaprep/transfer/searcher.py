@@ -11,7 +11,8 @@ Keys of a portfolio configuration overwrite the sampled values: a top-level key,
 ``"a/b"`` path for a nested space (Tune's flattened-key convention). Keys the space lacks are
 passed through unless ``only_space_keys=True``.
 
-Usage from ``jobs.sweep``::
+Usage (``jobs.sweep`` builds it from ``sweep.portfolio`` / ``sweep.recommender``, see
+:mod:`metaprep.tune.space`)::
 
     recs = Recommender.load(dir).rank(meta_features, k=5)
     searcher = PortfolioSearcher([r.config for r in recs], space=param_space, metric="loss", mode="min")

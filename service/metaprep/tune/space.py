@@ -16,6 +16,7 @@ the file is the base configuration every trial starts from)::
       initial:                                # optional: configurations evaluated first
         - {meta.inner_lr: 0.3, meta.outer_lr: 0.003}
       portfolio: [...]                        # searcher transfer: ranked configurations to try first
+      recommender: {...}                      # searcher transfer: the recommender's portfolio (below)
       asha: {enabled: true, grace_period: 10, reduction_factor: 2}
 
 Nested keys (``meta: {inner_lr: {loguniform: ...}}``) are the same as dotted ones, so
@@ -33,6 +34,27 @@ and split (``tasks.*``, ``seed``: the meta-validation tasks must be the same for
 ``meta.meta_steps`` / ``meta.eval_every`` / ``meta.eval_tasks`` (ASHA's time axis and the metric's
 definition), and ``distributed.*``, ``checkpoint.*``, ``registry.*``, ``tracking.*``.
 
+Searcher ``transfer`` proposes a portfolio of configurations first, in order, then samples the space
+at random (:class:`~metaprep.transfer.searcher.PortfolioSearcher`; the zero-shot warm start of
+Strangmann et al., 2024, and Quick-Tune's initial design, Arango et al., ICLR 2024). The portfolio is
+the explicit ``portfolio:`` list, then the top-k of the transfer recommender when a ``recommender:``
+block is given (either one, or both; a recommended point already listed is not repeated)::
+
+    recommender:
+      surrogate: .state/surrogate             # a folder saved by `jobs.recommend --surrogate-dir`, or
+                                              # models:/NAME/VERSION | models:/NAME@alias (`--register`)
+      meta_features: {num_samples: 5000}      # exactly the surrogate's meta-feature names
+      params: {meta.inner_lr: lr}             # swept key -> the surrogate's configuration name
+      fixed: {rank: 8}                        # surrogate configuration values held fixed
+      candidates: 64                          # points sampled from the space (seeded by sweep.seed)
+      top_k: 4                                # of them, the recommender's portfolio
+      cost_aware: false                       # Quick-Tune's cost-aware ranking (needs a cost surrogate)
+
+The surrogate is loaded (a folder relative to the working directory; a ``models:/`` URI downloaded
+from ``tracking.uri`` / ``MLFLOW_TRACKING_URI``) and the portfolio ranked while the section is
+validated, so a mismatch fails before any trial runs. Every configuration name of the surrogate
+must be mapped under ``params`` or held under ``fixed`` (else it would be imputed silently).
+
 Every error is a :class:`~metaprep.errors.ConfigError` naming ``file:line`` and the ``sweep.`` key.
 """
 
@@ -43,16 +65,19 @@ import dataclasses
 import math
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from metaprep.config import MetaTrainConfig, from_dict
-from metaprep.errors import ConfigError
+from metaprep.errors import ConfigError, ModelLoadError, RegistryError
 
 METRIC = "meta_val_loss"
 MODE = "min"
 SEARCHERS = ("random", "optuna", "transfer")
 KINDS = ("loguniform", "uniform", "randint", "lograndint", "choice")
-SWEEP_KEYS = ("space", "num_samples", "searcher", "seed", "max_concurrent", "initial", "portfolio", "asha", "metric")
+SWEEP_KEYS = ("space", "num_samples", "searcher", "seed", "max_concurrent", "initial", "portfolio", "recommender",
+              "asha", "metric")
+RECOMMENDER_KEYS = ("surrogate", "meta_features", "params", "fixed", "candidates", "top_k", "cost_aware")
 ASHA_KEYS = ("enabled", "grace_period", "reduction_factor")
 FORBIDDEN_PREFIXES = ("tasks.", "distributed.", "checkpoint.", "registry.", "tracking.")
 FORBIDDEN_KEYS = ("seed", "meta.meta_steps", "meta.eval_every", "meta.eval_tasks")
@@ -114,6 +139,19 @@ class AshaSpec:
 
 
 @dataclass
+class RecommenderSpec:
+    """A validated ``sweep.recommender`` block (module docstring)."""
+
+    surrogate: str
+    meta_features: dict[str, float]
+    params: dict[str, str]  # swept key -> surrogate configuration name
+    fixed: dict[str, Any] = field(default_factory=dict)
+    candidates: int = 64
+    top_k: int = 4
+    cost_aware: bool = False
+
+
+@dataclass
 class SweepSpec:
     """A validated ``sweep:`` section."""
 
@@ -127,6 +165,9 @@ class SweepSpec:
     asha: AshaSpec = field(default_factory=AshaSpec)
     metric: str = METRIC
     mode: str = MODE
+    recommender: RecommenderSpec | None = None
+    # the recommender's picks in rank order: Recommendation fields plus ``params`` (the swept keys)
+    recommended: list[dict] = field(default_factory=list)
 
     def tune_space(self) -> dict:
         return {key: p.to_tune() for key, p in self.space.items()}
@@ -135,7 +176,8 @@ class SweepSpec:
         return {"space": {k: p.to_dict() for k, p in self.space.items()}, "num_samples": self.num_samples,
                 "searcher": self.searcher, "seed": self.seed, "max_concurrent": self.max_concurrent,
                 "initial": self.initial, "portfolio": self.portfolio, "asha": dataclasses.asdict(self.asha),
-                "metric": self.metric, "mode": self.mode}
+                "metric": self.metric, "mode": self.mode,
+                "recommender": dataclasses.asdict(self.recommender) if self.recommender else None}
 
 
 # --------------------------------------------------------------------------- config plumbing
@@ -232,8 +274,12 @@ class _Where:
         return f"{self.source}:{line}: {dotted}" if line else f"{self.source}: {dotted}"
 
 
-def parse_sweep(raw: Any, base: dict, source: str = "<recipe>", lines: dict[str, int] | None = None) -> SweepSpec:
-    """Validate a ``sweep:`` mapping (``None``: :data:`DEFAULT_SWEEP`) against the base recipe ``base``."""
+def parse_sweep(raw: Any, base: dict, source: str = "<recipe>", lines: dict[str, int] | None = None,
+                tracking_uri: str | None = None) -> SweepSpec:
+    """Validate a ``sweep:`` mapping (``None``: :data:`DEFAULT_SWEEP`) against the base recipe ``base``.
+
+    A ``recommender`` block is ranked here (``tracking_uri``: where a ``models:/`` surrogate is downloaded from).
+    """
     where = _Where(source, lines or {})
     if raw is None:
         raw = copy.deepcopy(DEFAULT_SWEEP)
@@ -262,9 +308,14 @@ def parse_sweep(raw: Any, base: dict, source: str = "<recipe>", lines: dict[str,
                           f"{', '.join(SEARCHERS)}")
     initial = _points(raw.get("initial", []), "sweep.initial", space, base, where)
     portfolio = _points(raw.get("portfolio", []), "sweep.portfolio", space, base, where)
-    if searcher == "transfer" and not portfolio:
+    has_recommender = raw.get("recommender") is not None
+    if has_recommender and searcher != "transfer":
+        raise ConfigError(f"{where('sweep.recommender')}: only used by searcher 'transfer' (set sweep.searcher: "
+                          f"transfer), got searcher {searcher!r}")
+    if searcher == "transfer" and not portfolio and not has_recommender:
         raise ConfigError(f"{where('sweep.portfolio')}: searcher 'transfer' needs a non-empty portfolio (the "
-                          f"recommended configurations, best first, e.g. [{{meta.inner_lr: 0.3}}])")
+                          f"recommended configurations, best first, e.g. [{{meta.inner_lr: 0.3}}]) or a "
+                          f"sweep.recommender block")
     if searcher != "transfer" and portfolio:
         raise ConfigError(f"{where('sweep.portfolio')}: only used by searcher 'transfer' (use sweep.initial to "
                           f"evaluate given configurations first with searcher {searcher!r})")
@@ -272,8 +323,13 @@ def parse_sweep(raw: Any, base: dict, source: str = "<recipe>", lines: dict[str,
         raise ConfigError(f"{where('sweep.initial')}: with searcher 'transfer', list the configurations to "
                           f"evaluate first under sweep.portfolio")
     asha = _parse_asha(raw.get("asha", {}), base, where)
-    return SweepSpec(space=space, num_samples=num_samples, searcher=searcher, seed=seed,
+    spec = SweepSpec(space=space, num_samples=num_samples, searcher=searcher, seed=seed,
                      max_concurrent=max_concurrent, initial=initial, portfolio=portfolio, asha=asha)
+    if has_recommender:
+        spec.recommender = _parse_recommender(raw["recommender"], space, where)
+        spec.recommended = recommend(spec.recommender, space, seed, where, tracking_uri)
+        spec.portfolio += [r["params"] for r in spec.recommended if r["params"] not in spec.portfolio]
+    return spec
 
 
 def _flatten_space(raw: dict, prefix: str = "") -> dict[str, Any]:
@@ -388,3 +444,133 @@ def _parse_asha(raw: Any, base: dict, where: _Where) -> AshaSpec:
     if not _is_number(rf) or not rf > 1:
         raise ConfigError(f"{where('sweep.asha.reduction_factor')}: expected a number > 1, got {rf!r}")
     return AshaSpec(enabled=enabled, grace_period=grace, reduction_factor=float(rf))
+
+
+# --------------------------------------------------------------------------- recommender portfolio
+
+def _parse_recommender(raw: Any, space: dict[str, ParamSpec], where: _Where) -> RecommenderSpec:
+    """The shape of ``sweep.recommender``; what depends on the surrogate is checked by :func:`recommend`."""
+    key = "sweep.recommender"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where(key)}: expected a mapping ({', '.join(RECOMMENDER_KEYS)}), got {raw!r}")
+    for k in raw:
+        if k not in RECOMMENDER_KEYS:
+            raise ConfigError(f"{where(f'{key}.{k}')}: unknown key; valid keys: {', '.join(RECOMMENDER_KEYS)}")
+    surrogate = raw.get("surrogate")
+    if not isinstance(surrogate, str) or not surrogate.strip():
+        raise ConfigError(f"{where(f'{key}.surrogate')}: required: a folder saved by `python -m jobs.recommend "
+                          f"... --surrogate-dir DIR` or models:/NAME/VERSION (registered with --register NAME), "
+                          f"got {surrogate!r}")
+    if not surrogate.startswith("models:/") and not (Path(surrogate).expanduser() / "surrogate.json").is_file():
+        raise ConfigError(f"{where(f'{key}.surrogate')}: {surrogate!r} is not a saved surrogate folder (no "
+                          f"surrogate.json); save one with `python -m jobs.recommend ... --surrogate-dir DIR` "
+                          f"or give models:/NAME/VERSION")
+    meta = raw.get("meta_features")
+    if not isinstance(meta, dict) or not meta or not all(_is_number(_as_float(v)) and math.isfinite(_as_float(v))
+                                                         for v in meta.values()):
+        raise ConfigError(f"{where(f'{key}.meta_features')}: expected a mapping of meta-feature names to finite "
+                          f"numbers, e.g. {{num_samples: 5000}}, got {meta!r}")
+    params = _flatten_space(raw["params"]) if isinstance(raw.get("params"), dict) else None
+    if not params or not all(isinstance(v, str) for v in params.values()):
+        raise ConfigError(f"{where(f'{key}.params')}: expected a mapping of swept keys to the surrogate's "
+                          f"configuration names, e.g. {{meta.inner_lr: lr}}, got {raw.get('params')!r}")
+    for k, name in params.items():
+        if k not in space:
+            raise ConfigError(f"{where(f'{key}.params.{k}')}: {k!r} is not a swept key; swept keys: "
+                              f"{', '.join(space)}")
+        if list(params.values()).count(name) > 1:
+            raise ConfigError(f"{where(f'{key}.params.{k}')}: configuration name {name!r} is mapped from more "
+                              f"than one swept key")
+    fixed = raw.get("fixed", {}) or {}
+    if not isinstance(fixed, dict) or not all(isinstance(v, (int, float, str)) for v in fixed.values()):
+        raise ConfigError(f"{where(f'{key}.fixed')}: expected a mapping of configuration names to numbers or "
+                          f"strings, e.g. {{rank: 8}}, got {fixed!r}")
+    top_k = _int(raw.get("top_k", 4), f"{key}.top_k", 1, where)
+    candidates = _int(raw.get("candidates", 64), f"{key}.candidates", 1, where)
+    if candidates < top_k:
+        raise ConfigError(f"{where(f'{key}.candidates')}: must be >= top_k ({top_k}): the portfolio is picked "
+                          f"among the sampled candidates, got {candidates}")
+    cost_aware = raw.get("cost_aware", False)
+    if not isinstance(cost_aware, bool):
+        raise ConfigError(f"{where(f'{key}.cost_aware')}: expected true or false, got {cost_aware!r}")
+    return RecommenderSpec(surrogate=surrogate, meta_features={str(k): float(_as_float(v)) for k, v in meta.items()},
+                           params=params, fixed={str(k): _as_float(v) for k, v in fixed.items()},
+                           candidates=candidates, top_k=top_k, cost_aware=cost_aware)
+
+
+def _load_recommender(surrogate: str, where: _Where, uri: str | None):
+    from metaprep.transfer.recommender import Recommender
+
+    try:
+        if not surrogate.startswith("models:/"):
+            return Recommender.load(Path(surrogate).expanduser())
+        import tempfile
+
+        from metaprep.registry.tracking import tracking_uri
+        from metaprep.transfer.registry import download_surrogate
+
+        with tempfile.TemporaryDirectory() as tmp:  # Recommender.load reads everything into memory
+            return Recommender.load(download_surrogate(surrogate, tmp, tracking_uri(uri)))
+    except (ModelLoadError, RegistryError) as exc:
+        raise ConfigError(f"{where('sweep.recommender.surrogate')}: {exc}") from None
+
+
+def recommend(rec: RecommenderSpec, space: dict[str, ParamSpec], seed: int, where: _Where,
+              tracking_uri: str | None = None) -> list[dict]:
+    """The recommender's top-k among ``rec.candidates`` seeded samples of ``space``, in rank order
+    (fewer when the samples hold fewer distinct configurations).
+
+    Each sample of the ``params`` keys becomes a surrogate configuration (keys renamed, ``fixed``
+    added) and :meth:`~metaprep.transfer.recommender.Recommender.rank` picks the best-of-k portfolio
+    for ``rec.meta_features`` by transfer alone (Strangmann et al., 2024; cost-aware as in Quick-Tune,
+    Arango et al., ICLR 2024). Returns each Recommendation's fields plus ``params`` (the swept keys).
+    """
+    import numpy as np
+
+    from metaprep.transfer.metadataset import config_key
+
+    key = "sweep.recommender"
+    recommender = _load_recommender(rec.surrogate, where, tracking_uri)
+    names = recommender.surrogate.encoder.config.names
+    for k, name in rec.params.items():
+        if name not in names:
+            raise ConfigError(f"{where(f'{key}.params.{k}')}: {name!r} is not a configuration name of the "
+                              f"surrogate; its names: {', '.join(names)}")
+    for name in rec.fixed:
+        if name not in names:
+            raise ConfigError(f"{where(f'{key}.fixed.{name}')}: {name!r} is not a configuration name of the "
+                              f"surrogate; its names: {', '.join(names)}")
+        if name in rec.params.values():
+            raise ConfigError(f"{where(f'{key}.fixed.{name}')}: {name!r} is already mapped from a swept key "
+                              f"under params; hold it fixed or sweep it, not both")
+    unset = [n for n in names if n not in rec.params.values() and n not in rec.fixed]
+    if unset:
+        raise ConfigError(f"{where(f'{key}.params')}: the surrogate's configuration names {', '.join(unset)} are "
+                          f"neither mapped from a swept key under params nor held under fixed")
+    expected = recommender.surrogate.meta_features
+    if set(rec.meta_features) != set(expected):
+        unknown = sorted(set(rec.meta_features) - set(expected))
+        missing = sorted(set(expected) - set(rec.meta_features))
+        what = "; ".join(([f"unknown {unknown}"] if unknown else []) + ([f"missing {missing}"] if missing else []))
+        raise ConfigError(f"{where(f'{key}.meta_features')}: {what}; the surrogate expects exactly "
+                          f"{', '.join(expected)}")
+
+    rng = np.random.default_rng([seed, 1])  # a stream apart from the searcher's own fallback samples
+    domains = {k: space[k].to_tune() for k in rec.params}
+    points: dict[str, dict] = {}  # surrogate configuration -> its swept point, duplicates dropped
+    configs = []
+    for _ in range(rec.candidates):
+        point = {k: _plain(d.sample(random_state=rng)) for k, d in domains.items()}
+        config = {**rec.fixed, **{rec.params[k]: v for k, v in point.items()}}
+        if points.setdefault(config_key(config), point) is point:
+            configs.append(config)
+    try:
+        picks = recommender.rank(rec.meta_features, configs, k=rec.top_k, cost_aware=rec.cost_aware)
+    except ConfigError as exc:  # cost-aware ranking with a surrogate fitted without costs
+        raise ConfigError(f"{where(f'{key}.cost_aware')}: {exc}") from None
+    return [{**r.to_dict(), "params": points[config_key(r.config)]} for r in picks]
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars (what Tune's domains sample) -> Python scalars."""
+    return value.item() if hasattr(value, "item") else value

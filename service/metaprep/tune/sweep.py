@@ -73,7 +73,7 @@ def load_sweep_recipe(path: str | Path, overrides: list[str] | None = None,
         raw_sweep = copy.deepcopy(DEFAULT_SWEEP) if raw_sweep is None else raw_sweep
         if isinstance(raw_sweep, dict):  # otherwise parse_sweep reports the malformed section
             raw_sweep = {**raw_sweep, "num_samples": num_samples}
-    spec = parse_sweep(raw_sweep, base, str(path), lines)
+    spec = parse_sweep(raw_sweep, base, str(path), lines, tracking_uri=cfg.tracking.uri)
     if spec.asha.enabled and cfg.meta.eval_every >= cfg.meta.meta_steps:
         # no meta-validation before the last step: nothing for ASHA to compare early
         spec.asha.enabled = False
@@ -508,9 +508,17 @@ def run_sweep(cfg: MetaTrainConfig, base: dict, spec: SweepSpec, state_dir: Path
                        "sweep.seed": spec.seed, "sweep.max_concurrent_trials": concurrent,
                        "sweep.asha": json.dumps(dataclasses.asdict(spec.asha)),
                        **{f"sweep.space.{k}": json.dumps(p.to_dict()) for k, p in spec.space.items()}})
+        if spec.recommender is not None:
+            params["sweep.recommender.surrogate"] = spec.recommender.surrogate
         client.log_batch(parent, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
         client.log_dict(parent, spec.to_dict(), "sweep.json")
         client.log_dict(parent, base, "base_config.json")
+        if spec.recommender is not None:  # the transfer recommender's portfolio, with its predictions
+            client.log_dict(parent, {**dataclasses.asdict(spec.recommender), "portfolio": spec.recommended},
+                            "recommended_portfolio.json")
+            log("metaprep: recommended portfolio (predicted normalised performance): " + "; ".join(
+                f"{' '.join(f'{k}={_fmt(v)}' for k, v in r['params'].items())} ({r['predicted_performance']:.3f})"
+                for r in spec.recommended))
         summary = _tune_and_register(cfg, base, spec, concurrent, split, data_fp, uri, client,
                                      exp.experiment_id, parent, sweep_name, storage, log)
     except BaseException:
