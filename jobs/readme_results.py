@@ -22,6 +22,41 @@ def commands() -> dict[str, str]:
     return dict(found)
 
 
+def targets(report: dict) -> str:
+    """The suite's own verdict on its issue targets (``report["targets"]``), one line each."""
+    found = report.get("targets")
+    if not isinstance(found, dict) or not found:
+        return ""
+    lines = []
+    for name, t in found.items():
+        if not isinstance(t, dict) or "met" not in t:
+            continue
+        values = ", ".join(f"{k} {_num(v)}" for k, v in t.items() if k not in ("met", "explanation"))
+        lines.append(f"- {'met' if t['met'] else '**missed**'}: `{name}` ({values})")
+    return "\nTargets:\n\n" + "\n".join(lines) + "\n" if lines else ""
+
+
+def paired(report: dict) -> str:
+    """LM suites: query loss minus multitask's on the same task and seed (computed from the stored runs)."""
+    if not isinstance(report.get("runs"), list) or not report["runs"] or "curve" not in report["runs"][0]:
+        return ""
+    from metaprep.bench.lm_suites import paired_differences
+
+    diffs = report.get("paired_vs_multitask") or paired_differences(report["runs"])
+    if not diffs:
+        return ""
+    lines = ["| method | Δ query loss after adaptation | Δ before adaptation | n |", "|---|---|---|---|"]
+    for method, d in diffs.items():
+        lines.append(f"| {method} | {d['after']:+.4f} ± {d['after_ci95']:.4f} | {d['before']:+.4f} ± "
+                     f"{d['before_ci95']:.4f} | {d['n']} |")
+    return ("\nPaired against `multitask` (same fold, seed and task; negative = lower loss than multitask; "
+            "95 % t-interval):\n\n" + "\n".join(lines) + "\n")
+
+
+def _num(v: object) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
 def section() -> str:
     parts, cmds = [], commands()
     for path in sorted((ROOT / "results").glob("*.json")):
@@ -32,7 +67,7 @@ def section() -> str:
         table = md.read_text().split("\n", 2)[-1] if md.exists() else ""
         cmd = cmds.get(path.name, f"python -m jobs.benchmark --suite {report['suite']} --out results/{path.name}")
         parts.append(f"#### `{path.stem}` (suite `{report['suite']}`, {report['runtime_s']} s)\n\n"
-                     f"```\n{cmd}\n```\n\n{table.strip()}\n")
+                     f"```\n{cmd}\n```\n\n{table.strip()}\n{targets(report)}{paired(report)}")
     return "\n".join(parts) if parts else "_No benchmark outputs yet._\n"
 
 

@@ -20,6 +20,7 @@ from metaprep.bench.lm_suites import (
     Protocol,
     aggregate,
     check_targets,
+    paired_differences,
     per_task_steps,
     shard,
     steps_to_match,
@@ -38,6 +39,20 @@ def test_steps_to_match_first_step_at_or_below_target():
     assert steps_to_match(curve, 3.5) == 0  # already there before adapting
     assert steps_to_match(curve, 0.5) == len(curve)  # never reached: censored at steps + 1
     assert steps_to_match([2.0, 1.0, 1.4], 1.4) == 1  # first crossing, even if the curve goes back up
+
+
+def test_paired_differences_match_by_fold_seed_and_task():
+    def rec(method, seed, tasks, before, after):
+        return {"fold": "f", "seed": seed, "method": method, "tasks": tasks, "curve": [before, after]}
+
+    records = [rec("multitask", 0, ["a", "b"], [3.0, 4.0], [2.0, 3.0]),
+               rec("mltd", 0, ["b", "a"], [4.5, 3.5], [2.9, 1.9]),  # other task order: pairing is by name
+               rec("multitask", 1, ["a", "b"], [3.0, 4.0], [2.2, 3.2]),
+               rec("mltd", 1, ["a", "b"], [3.5, 4.5], [2.1, 3.1])]
+    d = paired_differences(records)["mltd"]
+    assert d["n"] == 4
+    assert math.isclose(d["after"], -0.1) and math.isclose(d["before"], 0.5)
+    assert math.isclose(d["after_ci95"], 0.0, abs_tol=1e-9)  # every pair differs by exactly -0.1
 
 
 def test_per_task_steps_against_finetune_of_same_seed_and_task():

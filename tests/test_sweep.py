@@ -535,3 +535,36 @@ def test_champion_moves_only_when_beaten_on_the_same_tasks(tmp_path, live_ray):
     again = compare_and_promote(MLFLOW, cfg, split, {**weak_uris}, weak_export)
     assert not again["promoted"]
     assert client.get_model_version_by_alias(f"{name}-base", "champion").version == strong_uris["base_version"]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_sweep_with_more_trials_than_cpus_leaks_nothing(tmp_path, live_ray):
+    """Issue 11 (load): more trials than the cluster has CPUs queue, all finish, and free every resource."""
+    ray = live_ray
+    total = ray.cluster_resources()["CPU"]
+    trials = int(total) + 2
+    recipe = _with_sweep({"space": {"meta.inner_lr": {"loguniform": [0.05, 0.5]}}, "num_samples": trials,
+                          "seed": 3, "asha": {"grace_period": 4, "reduction_factor": 2}})
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    summary_path = tmp_path / "summary.json"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": MLFLOW, "RAY_ADDRESS": os.environ.get("RAY_ADDRESS", "127.0.0.1:6379"),
+           "RAY_TRAIN_V2_ENABLED": "1", "METAPREP_STATE_DIR": str(tmp_path / "state")}
+    proc = subprocess.run([sys.executable, "-m", "jobs.sweep", "--config", str(path), "--summary-out",
+                           str(summary_path), "--set", f"registry.name=sweepload-{uuid.uuid4().hex[:8]}",
+                           "--set", f"checkpoint.storage_path={tmp_path / 'ray_results'}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads(summary_path.read_text())
+    assert summary["n_trials"] == trials > total and summary["n_failed"] == 0
+    assert summary["n_completed"] + summary["n_early_stopped"] == trials
+    deadline = time.monotonic() + 90
+    while _job_leftovers(ray, summary["ray_job_id"]) and time.monotonic() < deadline:
+        time.sleep(2)
+    assert not _job_leftovers(ray, summary["ray_job_id"])
+    own = {summary["ray_job_id"], ray.get_runtime_context().get_job_id()}
+    while ray.available_resources().get("CPU", 0) < total and time.monotonic() < deadline:
+        time.sleep(2)
+    if not _other_jobs_running(ray, own):
+        assert ray.available_resources().get("CPU", 0) == total

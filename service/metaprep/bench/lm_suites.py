@@ -56,7 +56,7 @@ from pathlib import Path
 
 import torch
 
-from metaprep.bench.report import result
+from metaprep.bench.report import mean_ci95, result
 from metaprep.config import MetaTrainConfig
 from metaprep.errors import ConfigError, DataError
 from metaprep.meta.adapt import adapt
@@ -352,6 +352,33 @@ def aggregate(records: list[dict], proto: Protocol, extra_metrics: tuple[str, ..
     return rows, summary
 
 
+def paired_differences(records: list[dict], reference: str = "multitask") -> dict[str, dict[str, float]]:
+    """Per method: final query loss minus ``reference``'s on the same (fold, seed, task), mean and 95 % CI.
+
+    Pairing removes the task-to-task spread that dominates the per-method intervals, so this is
+    the test of "method below reference" (negative = better than the reference). Also reported
+    before adaptation (step 0), which separates what meta-training put into the initialisation
+    from what the adaptation steps added.
+    """
+    final: dict[tuple, tuple[float, float]] = {}
+    for r in records:
+        for i, task in enumerate(r["tasks"]):
+            final[(r["method"], r["fold"], r["seed"], task)] = (r["curve"][-1][i], r["curve"][0][i])
+    out: dict[str, dict[str, float]] = {}
+    for method in dict.fromkeys(r["method"] for r in records):
+        if method == reference:
+            continue
+        pairs = [(final[(method, *k[1:])], v) for k, v in final.items()
+                 if k[0] == reference and (method, *k[1:]) in final]
+        if len(pairs) < 2:
+            continue
+        after = mean_ci95([m[0] - ref[0] for m, ref in pairs])
+        before = mean_ci95([m[1] - ref[1] for m, ref in pairs])
+        out[method] = {"after": after[0], "after_ci95": after[1], "before": before[0], "before_ci95": before[1],
+                       "n": len(pairs)}
+    return out
+
+
 def mean_curves(records: list[dict]) -> dict[str, dict[str, list[float]]]:
     """Mean query loss per adaptation step, per fold and method (over tasks and seeds)."""
     out: dict[str, dict[str, list[float]]] = {}
@@ -436,8 +463,9 @@ def build_report(suite: str, records: list[dict], proto: Protocol, model_path: s
         timing[r["method"]] = timing.get(r["method"], 0.0) + r["meta_train_s"] + r["tune_s"] + r["eval_s"]
         cpu[r["method"]] = cpu.get(r["method"], 0.0) + r["cpu_s"]
     report = {"results": rows, "summary": summary, "targets": check_targets(suite, summary),
-              "curves": curves, "lr_choice": {f"{r['fold']}/{r['method']}": {"lr": r["lr"], "val": r["val_scores"]}
-                                              for r in records if r["seed"] == 0},
+              "paired_vs_multitask": paired_differences(records), "curves": curves,
+              "lr_choice": {f"{r['fold']}/{r['method']}": {"lr": r["lr"], "val": r["val_scores"]}
+                            for r in records if r["seed"] == 0},
               "timing_s": {k: round(v, 1) for k, v in timing.items()},
               "cpu_s": {k: round(v, 1) for k, v in cpu.items()},
               "protocol": {**asdict(proto), "model": label, "model_path": model_path,
