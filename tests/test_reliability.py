@@ -159,3 +159,22 @@ def test_three_concurrent_jobs_get_distinct_versions(stack, tmp_path) -> None:
     while time.time() < deadline and ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]:
         time.sleep(1)
     assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]  # nothing leaked
+
+
+def test_stale_torch_extension_lock_does_not_hang_a_job(tmp_path) -> None:
+    """A DeepSpeed op build killed midway leaves a lock file; jobs must not wait on it (no JIT build on CPU)."""
+    ext = tmp_path / "torch_extensions"
+    for tag in ("py311_cpu", f"py{sys.version_info.major}{sys.version_info.minor}_cpu"):
+        (ext / tag / "deepspeed_shm_comm").mkdir(parents=True, exist_ok=True)
+        (ext / tag / "deepspeed_shm_comm" / "lock").write_text("")
+    code = ("import sys; sys.path.insert(0, 'service')\n"
+            "from metaprep.config import MetaTrainConfig, load_config\n"
+            "from metaprep.train.local import meta_train_local\n"
+            "cfg = load_config(MetaTrainConfig, 'jobs/configs/tiny.yaml', ['meta.meta_steps=2', 'meta.eval_every=1'])\n"
+            "print('steps', meta_train_local(cfg).final['meta_steps'])\n")
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(ext)}
+    env.pop("METAPREP_DS_CPU_SHM", None)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "steps 2" in proc.stdout

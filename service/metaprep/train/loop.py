@@ -119,11 +119,28 @@ class WorkerResult:
     export_dir: Path | None = None  # rank 0's exported base/ and controller/ folders
 
 
+CPU_SHM_ENV = "METAPREP_DS_CPU_SHM"
+
+
+def skip_cpu_shm_build(deepspeed) -> None:
+    """Do not JIT-compile DeepSpeed's shared-memory all-reduce op on CPU (``$METAPREP_DS_CPU_SHM=1`` opts in).
+
+    DeepSpeed builds it with the C++ compiler at the first ``initialize`` of every fresh machine
+    (about a minute and 1 GB per compiler process), and a build killed midway (OOM, SIGKILL)
+    leaves a lock file in the torch-extensions cache on which every later job waits forever. The
+    op only speeds up inference all-reduce; training collectives go through gloo either way.
+    """
+    if os.environ.get(CPU_SHM_ENV) != "1":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def run_worker(cfg: MetaTrainConfig, env: WorkerEnv, tracking: dict | None, export: bool = True) -> WorkerResult:
     """Meta-train on this worker; rank 0 also exports the prepared model (when ``export``)."""
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.distributed.use_gpu else "cpu")
     import deepspeed
 
+    if not cfg.distributed.use_gpu:
+        skip_cpu_shm_build(deepspeed)
     torch.set_num_threads(cfg.distributed.torch_threads or cfg.distributed.cpus_per_worker)
     torch.manual_seed(cfg.seed)
     split = load_split(cfg)
