@@ -9,7 +9,7 @@ export METAPREP_STATE_DIR ?= $(CURDIR)/.state
 export MLFLOW_PORT ?= 5000
 export RAY_TRAIN_V2_ENABLED := 1
 
-.PHONY: install up down status demo test test-slow test-all lint clean
+.PHONY: install up down status demo test test-slow test-faults test-all lint clean
 
 install: $(VENV)/.installed
 
@@ -38,6 +38,11 @@ test: install
 
 test-slow: install
 	$(PY) -m pytest -q -m "slow"
+
+# the slow fault-injection tests (.ci/run): worker SIGKILL, driver kill + resume, MLflow outage,
+# concurrent jobs, a sweep with more trials than CPUs
+test-faults: install
+	$(PY) -m pytest -q -m "slow" tests/test_reliability.py tests/test_distributed.py tests/test_sweep.py
 
 test-all: install
 	$(PY) -m pytest -q

@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     ctrl_dir = resolve_artifact(args.controller, None)
     model, loaded, cfg = load_prepared(base_dir, ctrl_dir)
     if args.meta_test:
-        task = check_size(*meta_test_task(cfg, args.data_dir, args.task), args.shots)
+        task, source = meta_test_task(cfg, args.data_dir, args.task)
+        task = check_size(task, args.shots, source)
     lr = args.lr if args.lr is not None else cfg.meta.inner_lr
 
     rng = random.Random(args.seed)
