@@ -57,3 +57,16 @@ def test_peft_loads_the_exported_lora_adapter(adapted, tmp_path) -> None:
     with torch.no_grad():
         assert torch.isclose(_loss(peft_model, q), torch.tensor(res.query_loss_after), atol=1e-4)
     assert res.query_loss_after < res.query_loss_before  # the adapter carries a real adaptation
+
+
+def test_prepared_model_keeps_its_recipe_tasks(tmp_path) -> None:
+    """The registry spec round-trips the task recipe: adaptation needs its seq_len, --meta-test its family and split."""
+    from metaprep.registry.artifacts import export_prepared, load_prepared
+
+    cfg = load_config(MetaTrainConfig, ROOT / "jobs/configs/tiny.yaml",
+                      ["meta.meta_steps=1", "meta.eval_every=1", "tasks.seq_len=20", "tasks.num_tasks=30",
+                       "tasks.split_seed=7", "tasks.test_fraction=0.2"])
+    result = meta_train_local(cfg)
+    export_prepared(result.model, result.loaded, cfg, tmp_path)
+    _, _, loaded_cfg = load_prepared(tmp_path / "base", tmp_path / "controller")
+    assert loaded_cfg.tasks == cfg.tasks

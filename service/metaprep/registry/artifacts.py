@@ -114,7 +114,7 @@ def export_prepared(model: MetaModel, loaded: LoadedModel, cfg: MetaTrainConfig,
     spec = {"algorithm": cfg.algorithm, "seed": cfg.seed, "reparam": dataclasses.asdict(cfg.reparam),
             "search": dataclasses.asdict(cfg.search),
             "meta": {k: getattr(cfg.meta, k) for k in ("inner_lr", "inner_steps", "inner_optimizer", "second_order")},
-            "tasks": {"seq_len": cfg.tasks.seq_len, "shots": cfg.tasks.shots, "family": cfg.tasks.family},
+            "tasks": dataclasses.asdict(cfg.tasks),  # family, data location, episode shape and the fixed split
             "model": {"kind": loaded.kind, "source": loaded.source, "tiny": dataclasses.asdict(cfg.model.tiny)},
             "layout": model.fast_init.layout, "metaprep_version": __version__}
     (ctrl / "spec.json").write_text(json.dumps(spec, indent=1))
@@ -132,6 +132,7 @@ def load_prepared(base: Path, ctrl: Path) -> tuple[MetaModel, LoadedModel, MetaT
     cfg = from_dict(MetaTrainConfig, {
         "algorithm": spec["algorithm"], "seed": spec["seed"], "reparam": spec["reparam"], "search": spec["search"],
         "meta": spec["meta"], "model": {"path": info["source"], "kind": info["kind"], "tiny": spec["model"]["tiny"]},
+        "tasks": spec.get("tasks", {}),  # the recipe's tasks: adaptation uses its seq_len, --meta-test its split
     }, source=str(ctrl / "spec.json"))
     if info["format"] == "full":
         from transformers import AutoModelForCausalLM
