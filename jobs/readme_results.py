@@ -32,7 +32,8 @@ def targets(report: dict) -> str:
         if not isinstance(t, dict) or "met" not in t:
             continue
         values = ", ".join(f"{k} {_num(v)}" for k, v in t.items() if k not in ("met", "explanation"))
-        lines.append(f"- {'met' if t['met'] else '**missed**'}: `{name}` ({values})")
+        why = f" — {t['explanation']}" if t.get("explanation") else ""
+        lines.append(f"- {'met' if t['met'] else '**missed**'}: `{name}` ({values}){why}")
     return "\nTargets:\n\n" + "\n".join(lines) + "\n" if lines else ""
 
 
@@ -63,7 +64,8 @@ def section() -> str:
         report = json.loads(path.read_text())
         if "suite" not in report or "results" not in report:
             continue
-        md = path.with_suffix(".md")
+        summary_md = path.with_name(f"{path.stem}_summary.md")  # suites with a condensed table (throughput)
+        md = summary_md if summary_md.exists() else path.with_suffix(".md")
         table = md.read_text().split("\n", 2)[-1] if md.exists() else ""
         cmd = cmds.get(path.name, f"python -m jobs.benchmark --suite {report['suite']} --out results/{path.name}")
         parts.append(f"#### `{path.stem}` (suite `{report['suite']}`, {report['runtime_s']} s)\n\n"
