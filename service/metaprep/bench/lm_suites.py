@@ -36,7 +36,8 @@ Protocol, shared by every suite (and by :mod:`metaprep.bench.convai2_mc`):
 
 ``--quick`` runs 2 methods (``finetune``, ``mltd``), 1 seed and tiny budgets (tests). For models
 other than stories260K (SmolLM2-135M) a smaller protocol applies (:func:`protocol_for`; fp32: bf16
-autocast is ~20x slower on this CPU); its default methods are ``finetune, multitask, mltd`` and
+autocast pays only on CPUs with native bf16 GEMMs, and then far less than the GEMM speed-up); its
+default methods are ``finetune, multitask, mltd`` and
 ``$METAPREP_BENCH_METHODS`` (comma-separated) overrides the method list of any run.
 """
 
@@ -107,7 +108,7 @@ class Protocol:
     eval_chunk: int = 16  # test tasks adapted together in one batched inner loop
     seeds: int = 3
     methods: tuple[str, ...] = METHODS
-    precision: str = "fp32"  # bf16 = autocast; ~20x slower here (this CPU has no native bf16 matmuls)
+    precision: str = "fp32"  # bf16 = autocast; pays only on CPUs with native bf16 GEMMs (see the throughput suite)
     threads: int = 1  # torch threads: 1 is the fastest on a shared 2-core machine
     max_new_tokens: int = 0  # > 0: greedy generation (summarization)
     shard_size: int = 24  # examples per summarization task shard

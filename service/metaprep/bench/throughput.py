@@ -885,8 +885,8 @@ def profile_for_targets(plan: Plan, targets: dict) -> dict:
         base = load_base_model(meta_config(model, "fomaml", 1).model)
         for algorithm in dict.fromkeys(w[1] for w in wanted if w[0].label == model.label):
             setup = Setup(model, algorithm, plan.inner_steps, base)
-            for _, _, method, precision, meta_batch in dict.fromkeys(
-                    w for w in wanted if w[0].label == model.label and w[1] == algorithm):
+            for method, precision, meta_batch in dict.fromkeys(
+                    w[2:] for w in wanted if w[0].label == model.label and w[1] == algorithm):
                 key = profile_key(model.label, algorithm, method, precision, meta_batch)
                 if key in out:
                     continue
@@ -911,17 +911,28 @@ def _explain(name: str, report: dict) -> str:
         pair = report["plan"]["models"][-1]["bf16_meta_batch"]
         prof = profiles.get(profile_key(large, "fomaml", "batched", "bf16", pair), {})
         instr = ", ".join(machine["bf16_instructions"]) or "none"
-        return (f"bf16 is slower than fp32 on this CPU ({machine['cpu']}; bf16 instructions: {instr}; torch CPU "
-                f"capability {machine['cpu_capability']}): the measured torch.mm peak is "
-                f"{peak['bf16_gflops']:.1f} GFLOP/s in bf16 vs {peak['fp32_gflops']:.1f} in fp32, and F.linear at the "
-                f"model's FFN shape {lin.get('shape')} runs at {_fmt(lin.get('bf16_autocast'), '.1f')} GFLOP/s under "
-                f"bf16 autocast vs {_fmt(lin.get('fp32'), '.1f')} in fp32. Without AVX512-BF16/AMX the bf16 GEMM "
-                f"converts operands and accumulates in fp32 through a slower path, and autocast adds fp32<->bf16 "
-                f"casts. Profile of the bf16 meta-step: {_fmt(prof.get('matmul_share'), '.0%')} of op time in "
-                f"matmuls at {_fmt(prof.get('matmul_gflops'), '.1f')} GFLOP/s, "
-                f"{_fmt(prof.get('copy_cast_share'), '.0%')} in casts/copies. The 2x target needs a CPU with "
-                f"native bf16 (Sapphire Rapids AMX, Zen 4 "
-                f"AVX512-BF16) or a GPU.")
+        cpu = (f"{machine['cpu']}; bf16 instructions: {instr}; torch CPU capability {machine['cpu_capability']}")
+        kernels = (f"the measured torch.mm peak is {peak['bf16_gflops']:.1f} GFLOP/s in bf16 vs "
+                   f"{peak['fp32_gflops']:.1f} in fp32, and F.linear at the model's FFN shape {lin.get('shape')} runs "
+                   f"at {_fmt(lin.get('bf16_autocast'), '.1f')} GFLOP/s under bf16 autocast vs "
+                   f"{_fmt(lin.get('fp32'), '.1f')} in fp32")
+        step = (f"Profile of the bf16 meta-step: {_fmt(prof.get('matmul_share'), '.0%')} of op time in matmuls at "
+                f"{_fmt(prof.get('matmul_gflops'), '.1f')} GFLOP/s, {_fmt(prof.get('copy_cast_share'), '.0%')} in "
+                f"casts/copies")
+        fp32 = profiles.get(profile_key(large, "fomaml", "batched", "fp32", pair), {})
+        share, fast, slow = fp32.get("matmul_share"), lin.get("bf16_autocast"), lin.get("fp32")
+        if fast and slow and fast > 1.5 * slow:  # native bf16 GEMMs: the step is bounded by what bf16 does not speed up
+            bound = 1 / ((1 - share) + share * slow / fast) if share else None
+            return (f"bf16 GEMMs are fast on this CPU ({cpu}): {kernels}. The meta-step still gains only "
+                    f"{report['targets'][name]['value']:.2f}x: in fp32 matmuls are {_fmt(share, '.0%')} of its op "
+                    f"time, so even with every matmul at the bf16 F.linear speed the step is bounded by Amdahl at "
+                    f"{_fmt(bound, '.2f')}x; the rest (RMSNorm, SiLU, RoPE, the 49k-vocabulary softmax/cross-entropy "
+                    f"that autocast keeps in fp32, the fast-weight products, AdamW) does not speed up, and autocast "
+                    f"adds fp32<->bf16 casts. {step}. Closing it needs a larger share of time in big matmuls (longer "
+                    f"sequences, larger meta-batches than fit in this budget) or a GPU.")
+        return (f"bf16 is not faster than fp32 on this CPU ({cpu}): {kernels}. Without native bf16 GEMMs "
+                f"(AVX512-BF16/AMX) the bf16 path converts operands and accumulates in fp32, and autocast adds "
+                f"fp32<->bf16 casts. {step}. The 2x target needs a CPU with native bf16 or a GPU.")
     if name == "mfu_fp32":
         lin = machine.get("linear_gflops", {}).get(large, {})
         prof = profiles.get(profile_key(large, "fomaml", "batched", "fp32"), {})
