@@ -66,7 +66,9 @@ def section() -> str:
             continue
         summary_md = path.with_name(f"{path.stem}_summary.md")  # suites with a condensed table (throughput)
         md = summary_md if summary_md.exists() else path.with_suffix(".md")
-        table = md.read_text().split("\n", 2)[-1] if md.exists() else ""
+        table = md.read_text() if md.exists() else ""
+        if table.startswith("### "):  # the suite's own heading; the README has its own
+            table = table.split("\n", 1)[-1]
         cmd = cmds.get(path.name, f"python -m jobs.benchmark --suite {report['suite']} --out results/{path.name}")
         parts.append(f"#### `{path.stem}` (suite `{report['suite']}`, {report['runtime_s']} s)\n\n"
                      f"```\n{cmd}\n```\n\n{table.strip()}\n{targets(report)}{paired(report)}")
