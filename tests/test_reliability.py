@@ -164,9 +164,9 @@ def test_three_concurrent_jobs_get_distinct_versions(stack, tmp_path) -> None:
 def test_stale_torch_extension_lock_does_not_hang_a_job(tmp_path) -> None:
     """A DeepSpeed op build killed midway leaves a lock file; jobs must not wait on it (no JIT build on CPU)."""
     ext = tmp_path / "torch_extensions"
-    for tag in ("py311_cpu", f"py{sys.version_info.major}{sys.version_info.minor}_cpu"):
-        (ext / tag / "deepspeed_shm_comm").mkdir(parents=True, exist_ok=True)
-        (ext / tag / "deepspeed_shm_comm" / "lock").write_text("")
+    lock = ext / f"py{sys.version_info.major}{sys.version_info.minor}_cpu" / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_text("")  # torch's FileBaton waits while this file exists
     code = ("import sys; sys.path.insert(0, 'service')\n"
             "from metaprep.config import MetaTrainConfig, load_config\n"
             "from metaprep.train.local import meta_train_local\n"

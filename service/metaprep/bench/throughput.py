@@ -135,8 +135,9 @@ def make_plan(args: argparse.Namespace) -> Plan:
         return Plan(True, threads, [small], algorithms=("fomaml", "mltd"), memory_model=small.label,
                     memory_inner_steps=(1,), framework=False, profile=False)
     small = ModelPlan(small_label, small_path, shots=4, query_size=4, seq_len=16, steps=3, budget_s=6.0)
-    # SmolLM2 on one core: a fomaml step is ~10 s and a bf16 one ~10x that (no bf16 instructions here), so
-    # the baselines run for fomaml only and fp32-vs-bf16 compares meta-batches of 2 (tasks/s at equal T).
+    # SmolLM2 on one core: a fomaml step takes seconds (and bf16 can be far slower on CPUs without native
+    # bf16 GEMMs), so the baselines run for fomaml only and fp32-vs-bf16 compares meta-batches of 2
+    # (tasks/s at equal T).
     large = ModelPlan("SmolLM2-135M", SMOLLM, shots=1, query_size=1, seq_len=12, steps=2, budget_s=30.0,
                       baselines=("fomaml",), bf16=("fomaml",), bf16_meta_batch=2)
     return Plan(False, threads, [small, large], memory_model=large.label)

@@ -83,7 +83,7 @@ class PortfolioSearcher(Searcher):
     def _sample(self) -> dict:
         def resolve(node: Any) -> Any:
             if isinstance(node, Domain):
-                return _plain(node.sample(random_state=self._rng))
+                return to_python(node.sample(random_state=self._rng))
             if isinstance(node, dict):
                 if "grid_search" in node:
                     raise ValueError("PortfolioSearcher does not support tune.grid_search in the space")
@@ -116,7 +116,7 @@ class PortfolioSearcher(Searcher):
         self.set_state(json.loads(Path(checkpoint_path).read_text()))
 
 
-def _plain(value: Any) -> Any:
+def to_python(value: Any) -> Any:
     """numpy scalars -> Python scalars (JSON-able, and what a trainable expects)."""
     return value.item() if isinstance(value, np.generic) else value
 

@@ -528,6 +528,7 @@ def recommend(rec: RecommenderSpec, space: dict[str, ParamSpec], seed: int, wher
     import numpy as np
 
     from metaprep.transfer.metadataset import config_key
+    from metaprep.transfer.searcher import to_python
 
     key = "sweep.recommender"
     recommender = _load_recommender(rec.surrogate, where, tracking_uri)
@@ -560,7 +561,7 @@ def recommend(rec: RecommenderSpec, space: dict[str, ParamSpec], seed: int, wher
     points: dict[str, dict] = {}  # surrogate configuration -> its swept point, duplicates dropped
     configs = []
     for _ in range(rec.candidates):
-        point = {k: _plain(d.sample(random_state=rng)) for k, d in domains.items()}
+        point = {k: to_python(d.sample(random_state=rng)) for k, d in domains.items()}
         config = {**rec.fixed, **{rec.params[k]: v for k, v in point.items()}}
         if points.setdefault(config_key(config), point) is point:
             configs.append(config)
@@ -569,8 +570,3 @@ def recommend(rec: RecommenderSpec, space: dict[str, ParamSpec], seed: int, wher
     except ConfigError as exc:  # cost-aware ranking with a surrogate fitted without costs
         raise ConfigError(f"{where(f'{key}.cost_aware')}: {exc}") from None
     return [{**r.to_dict(), "params": points[config_key(r.config)]} for r in picks]
-
-
-def _plain(value: Any) -> Any:
-    """numpy scalars (what Tune's domains sample) -> Python scalars."""
-    return value.item() if hasattr(value, "item") else value
