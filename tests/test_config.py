@@ -46,7 +46,6 @@ def _write(tmp_path: Path, text: str) -> Path:
     ("", ["distributed.zero_stage=4"], "distributed.zero_stage: 4 is not valid; choose one of 1, 2, 3"),
     ("", ["reparam.kind=dora"], "reparam.kind: 'dora' is not valid"),
     ("", ["algorithm=mltd", "reparam.kind=lora"], "needs a TARP kind"),
-    ("", ["algorithm=maml", "distributed.zero_stage=3"], "second-order meta-gradients need ZeRO stage 1 or 2"),
     ("", ["registry.name=a/b"], "registry.name"),
     ("", ["bad"], "expected key=value"),
 ])

@@ -37,12 +37,16 @@ def _run_ray(cfg: MetaTrainConfig, storage: Path) -> tuple[dict, Path]:
     return result.metrics, Path(result.checkpoint.path)
 
 
-@pytest.mark.parametrize("algorithm, stage", [("fomaml", 1), ("maml", 1), ("fomaml", 2), ("maml", 2),
-                                              ("fomaml", 3), ("meta_lora", 1)])
-def test_two_workers_equal_one_worker(ray_cluster, tmp_path, algorithm: str, stage: int) -> None:
+MLTD_2ND = ["reparam.kind=tarp_kronecker", "meta.second_order=true"]
+
+
+@pytest.mark.parametrize("algorithm, stage, extra", [
+    ("fomaml", 1, []), ("maml", 1, []), ("fomaml", 2, []), ("maml", 2, []), ("fomaml", 3, []), ("maml", 3, []),
+    ("mltd", 3, MLTD_2ND), ("mltd", 1, ["reparam.kind=tarp_kronecker"]), ("meta_lora", 1, [])])
+def test_two_workers_equal_one_worker(ray_cluster, tmp_path, algorithm: str, stage: int, extra: list[str]) -> None:
     from metaprep.train.local import meta_train_local
 
-    base = [*FAST, f"algorithm={algorithm}", f"distributed.zero_stage={stage}"]
+    base = [*FAST, f"algorithm={algorithm}", f"distributed.zero_stage={stage}", *extra]
     one = meta_train_local(load_config(MetaTrainConfig, ROOT / "jobs/configs/tiny.yaml", base), export=True)
     two_metrics, two_export = _run_ray(
         load_config(MetaTrainConfig, ROOT / "jobs/configs/tiny.yaml", [*base, "distributed.num_workers=2"]),
@@ -58,6 +62,42 @@ def test_two_workers_equal_one_worker(ray_cluster, tmp_path, algorithm: str, sta
                                         [*base, "meta.meta_steps=1"]), export=True)
     moved = _weights(init.export_dir)
     assert any(not torch.allclose(moved[k], w1[k]) for k in w1 if k.startswith("base."))
+
+
+@pytest.mark.parametrize("algorithm, extra", [("maml", []), ("mltd", MLTD_2ND)])
+def test_zero3_second_order_equals_zero1(tmp_path, algorithm: str, extra: list[str]) -> None:
+    """ZeRO-3 keeps weights gathered through the double backward (train/zero3.py): same meta-gradient as ZeRO-1."""
+    from metaprep.train.local import meta_train_local
+
+    runs = [meta_train_local(load_config(MetaTrainConfig, ROOT / "jobs/configs/tiny.yaml",
+                                         [*FAST, "meta.meta_steps=2", f"algorithm={algorithm}", *extra,
+                                          f"distributed.zero_stage={stage}"]), export=True) for stage in (1, 3)]
+    assert runs[1].final["meta_val_loss_end"] == pytest.approx(runs[0].final["meta_val_loss_end"], rel=1e-5)
+    w1, w3 = _weights(runs[0].export_dir), _weights(runs[1].export_dir)
+    assert w1.keys() == w3.keys()
+    for key in w1:
+        assert torch.allclose(w1[key], w3[key], rtol=1e-4, atol=1e-5), (key, float((w1[key] - w3[key]).abs().max()))
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_resumed_run_equals_the_uninterrupted_run(tmp_path, stage: int) -> None:
+    """Checkpoint at meta-step 2 (DeepSpeed shards + optimizer state + trainer state), restore, finish at 4."""
+    from metaprep.train.local import ensure_process_group
+    from metaprep.train.loop import WorkerEnv, run_worker
+
+    ensure_process_group()
+    cfg = load_config(MetaTrainConfig, ROOT / "jobs/configs/tiny.yaml",
+                      [*FAST, "algorithm=maml", f"distributed.zero_stage={stage}", "checkpoint.every=2"])
+    reported: list[Path] = []
+    whole = run_worker(cfg, WorkerEnv(0, 1, lambda m, path: path and reported.append(path), None,
+                                      tmp_path / "a"), None)
+    assert [p.name for p in reported] == ["ckpt-2-rank0", "export-rank0"]  # one checkpoint, then the export
+    resumed = run_worker(cfg, WorkerEnv(0, 1, lambda m, path: None, reported[0], tmp_path / "b"), None)
+    curve = dict(whole.final["meta_val_curve"])
+    assert dict(resumed.final["meta_val_curve"]) == pytest.approx(curve, rel=1e-6) and curve[4] < curve[0]
+    w1, w2 = _weights(whole.export_dir), _weights(resumed.export_dir)
+    for key in w1:
+        assert torch.allclose(w1[key], w2[key], rtol=1e-5, atol=1e-6), key
 
 
 def _driver(stack: dict, name: str, extra: list[str], summary: Path) -> subprocess.Popen:

@@ -62,3 +62,14 @@ def test_temperature_schedule_and_report() -> None:
     assert temperature(0, 10, 1.0, 0.1) == 1.0 and abs(temperature(9, 10, 1.0, 0.1) - 0.1) < 1e-12
     report = describe_architecture(torch.nn.functional.one_hot(torch.tensor([[[1, 4]]]), 6), OPS)
     assert report == [{"layer0": ["skip", "conv3"]}]
+
+
+def test_seeded_gumbel_noise_does_not_depend_on_the_shard() -> None:
+    """Tasks 0..3 sampled together draw the same α as the shards [0, 2] and [1, 3] (2 workers = 1 worker)."""
+    torch.manual_seed(0)
+    ctrl = ArchController(embed_dim=8, layers=2, edges=3, ops=OPS)
+    z, seeds = torch.randn(4, 8), [11, 12, 13, 14]
+    whole = ctrl(z, tau=1.0, noise_seeds=seeds)
+    for shard in ([0, 2], [1, 3]):
+        assert torch.equal(ctrl(z[shard], tau=1.0, noise_seeds=[seeds[i] for i in shard]), whole[shard])
+    assert not torch.equal(ctrl(z, tau=1.0, noise_seeds=[21, 22, 23, 24]), whole)  # the seeds do matter

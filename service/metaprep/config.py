@@ -195,11 +195,6 @@ class MetaTrainConfig:
         if self.algorithm in ("mltd_tarp", "mltd") and not self.reparam.kind.startswith("tarp_"):
             raise ConfigError(f"reparam.kind: algorithm {self.algorithm} needs a TARP kind "
                               f"(tarp_bilinear, tarp_kronecker, tarp_dynamic), got {self.reparam.kind}")
-        second_order = self.algorithm == "maml" or (self.algorithm in ("mltd", "mltd_tarp") and self.meta.second_order)
-        if second_order and self.distributed.zero_stage == 3:
-            raise ConfigError("distributed.zero_stage: second-order meta-gradients need ZeRO stage 1 or 2 "
-                              "(ZeRO-3 frees gathered weights that the double-backward graph still reads); "
-                              "use zero_stage 1/2 or a first-order algorithm")
         if self.meta.meta_batch_size < self.distributed.num_workers:
             raise ConfigError(f"meta.meta_batch_size: must be >= distributed.num_workers "
                               f"({self.distributed.num_workers}) so every worker gets a task, "

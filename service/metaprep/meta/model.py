@@ -79,7 +79,7 @@ class MetaModel(nn.Module):
     def architecture(self, support: TaskBatch, tau: float = 1.0, sample: bool = True) -> torch.Tensor | None:
         if self.controller is None:
             return None
-        return self.controller(self.task_embedding(support), tau=tau, sample=sample)
+        return self.controller(self.task_embedding(support), tau=tau, sample=sample, noise_seeds=support.noise_seeds)
 
     def forward(self, support: TaskBatch, query: TaskBatch, step: int) -> tuple[torch.Tensor, dict]:
         """Per-task meta-losses (T,) of this worker's tasks and scalar metrics."""

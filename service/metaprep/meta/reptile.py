@@ -9,6 +9,8 @@ receive the first-order query gradient at φ_t.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from metaprep.meta.algorithm import MetaAlgorithm
@@ -18,8 +20,9 @@ from metaprep.tasks.base import TaskBatch
 
 def concat(a: TaskBatch, b: TaskBatch) -> TaskBatch:
     """Pool support and query examples per task: (T, n_s + n_q, L)."""
-    return TaskBatch(torch.cat([a.input_ids, b.input_ids], 1), torch.cat([a.labels, b.labels], 1),
-                     torch.cat([a.attention_mask, b.attention_mask], 1), a.embedding, a.task_ids)
+    return dataclasses.replace(a, input_ids=torch.cat([a.input_ids, b.input_ids], 1),
+                               labels=torch.cat([a.labels, b.labels], 1),
+                               attention_mask=torch.cat([a.attention_mask, b.attention_mask], 1))
 
 
 class Reptile(MetaAlgorithm):

@@ -25,12 +25,23 @@ class ArchController(nn.Module):
         z = F.layer_norm(z.to(self.net[0].weight.dtype), z.shape[-1:])  # mean embeddings vary little: standardise them
         return self.net(z).view(-1, self.layers, self.edges, len(self.ops))
 
-    def forward(self, z: torch.Tensor, tau: float = 1.0, sample: bool = True) -> torch.Tensor:
-        """Architecture α (T, layers, edges, ops): straight-through Gumbel when ``sample`` else argmax."""
+    def forward(self, z: torch.Tensor, tau: float = 1.0, sample: bool = True,
+                noise_seeds: list[int] | None = None) -> torch.Tensor:
+        """Architecture α (T, layers, edges, ops): straight-through Gumbel when ``sample`` else argmax.
+
+        ``noise_seeds`` (one per task) make each task's Gumbel noise independent of which other
+        tasks share the batch, so sharding a meta-batch over workers does not change the draws;
+        without them the noise comes from the global RNG.
+        """
         logits = self.logits(z)
         if not sample:
             return F.one_hot(logits.argmax(-1), len(self.ops)).to(logits.dtype)
-        u = torch.rand_like(logits).clamp(1e-10, 1.0 - 1e-7)
+        if noise_seeds is None:
+            u = torch.rand_like(logits)
+        else:
+            u = torch.stack([torch.rand(logits.shape[1:], generator=torch.Generator().manual_seed(s))
+                             for s in noise_seeds]).to(logits)
+        u = u.clamp(1e-10, 1.0 - 1e-7)
         gumbel = -torch.log(-torch.log(u))
         soft = torch.softmax((logits + gumbel) / tau, dim=-1)
         hard = F.one_hot(soft.argmax(-1), len(self.ops)).to(soft.dtype)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -57,19 +57,24 @@ class TaskBatch:
     attention_mask: torch.Tensor
     embedding: torch.Tensor | None = None  # (T, D) sentence-encoder task embedding, when configured
     task_ids: list[int] | None = None  # index of each task in its split (Meta-LoRA's adapter table)
+    # one seed per task for its random draws (TAMS Gumbel noise), a function of (seed, step, slot in the
+    # meta-batch): a task draws the same noise whichever worker runs it, so W workers = 1 worker
+    noise_seeds: list[int] | None = None
 
     @property
     def num_tasks(self) -> int:
         return self.input_ids.shape[0]
 
     def select(self, idx: list[int]) -> TaskBatch:
+        pick = (lambda xs: None if xs is None else [xs[i] for i in idx])
         return TaskBatch(self.input_ids[idx], self.labels[idx], self.attention_mask[idx],
                          None if self.embedding is None else self.embedding[idx],
-                         None if self.task_ids is None else [self.task_ids[i] for i in idx])
+                         pick(self.task_ids), pick(self.noise_seeds))
 
     def to(self, device: torch.device | str) -> TaskBatch:
-        return TaskBatch(self.input_ids.to(device), self.labels.to(device), self.attention_mask.to(device),
-                         None if self.embedding is None else self.embedding.to(device), self.task_ids)
+        return replace(self, input_ids=self.input_ids.to(device), labels=self.labels.to(device),
+                       attention_mask=self.attention_mask.to(device),
+                       embedding=None if self.embedding is None else self.embedding.to(device))
 
     def num_target_tokens(self) -> int:
         return int((self.labels[..., 1:] != -100).sum())

@@ -11,6 +11,7 @@ throughput benchmark uses to measure framework overhead.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -31,6 +32,7 @@ from metaprep.registry.artifacts import export_prepared
 from metaprep.registry.tracking import MetricLogger
 from metaprep.tasks.base import TaskSplit, fixed_episodes, make_batch, sample_meta_batch, split_tasks
 from metaprep.tasks.families import load_tasks
+from metaprep.train.zero3 import hold_gathered
 
 STATE_FILE = "trainer_state.json"
 FAULT_ENV = "METAPREP_FAULT_CHECKPOINT_AT"
@@ -63,6 +65,10 @@ def deepspeed_config(cfg: MetaTrainConfig) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+
+
+def noise_seed(seed: int, step: int, slot: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{step}:{slot}".encode()).digest()[:4], "little")
 
 
 def autocast(cfg: MetaTrainConfig):
@@ -180,19 +186,22 @@ def run_worker(cfg: MetaTrainConfig, env: WorkerEnv, tracking: dict | None, expo
         log({"meta_val_loss": history["meta_val_loss"][-1][1]}, 0)
 
     b = cfg.meta.meta_batch_size
+    # ZeRO-3 frees gathered weights that a second-order (double-backward) graph still reads
+    hold = cfg.distributed.zero_stage == 3 and not model.algorithm.first_order
     diverged = None
     for step in range(start, meta_steps):
         t0 = time.perf_counter()
-        torch.manual_seed(hash((cfg.seed, step)) % (2**31))  # Gumbel noise: a function of (seed, step)
         episodes = sample_meta_batch(split.train, b, cfg.tasks.shots, cfg.tasks.query_size, cfg.seed, step)
         mine = episodes[env.rank::env.world]
         support = make_batch(mine, "support", tok, seq_len, task_index).to(device)
+        # Gumbel noise of the task in slot i of this meta-batch: a function of (seed, step, i) on any worker
+        support.noise_seeds = [noise_seed(cfg.seed, step, i) for i in range(b)][env.rank::env.world]
         query = make_batch(mine, "query", tok, seq_len, task_index).to(device)
-        with autocast(cfg):
-            losses, metrics = engine(support, query, step)
-        loss = losses.float().sum() * (env.world / b)
         skipped = engine.skipped_steps
-        engine.backward(loss)
+        with hold_gathered(module, enabled=hold):
+            with autocast(cfg):
+                losses, metrics = engine(support, query, step)
+            engine.backward(losses.float().sum() * (env.world / b))
         engine.step()
         # DeepSpeed skips (rather than applies) a step whose gradients overflowed: that is divergence
         overflow = float(engine.skipped_steps > skipped)
