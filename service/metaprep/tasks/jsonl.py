@@ -8,41 +8,18 @@ Every problem is reported as ``file:line: what is wrong (what is expected)``.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from metaprep.errors import DataError
+from metaprep.jsonio import read_jsonl
 from metaprep.tasks.base import Example, Task
 
 EXPECTED = 'expected {"task": NAME, "text": STR} or {"task": NAME, "prompt": STR, "target": STR}'
 
 
 def read_jsonl_records(path: Path) -> list[tuple[int, dict]]:
-    """Parse a JSONL file into (line number, object) pairs with file:line errors."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}: task file not found") from None
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read ({exc.strerror})") from None
-    records = []
-    for lineno, line in enumerate(raw.split(b"\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise DataError(f"{path}:{lineno}: undecodable bytes at column {exc.start + 1} (UTF-8 expected)") from None
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
-        if not isinstance(obj, dict):
-            raise DataError(f"{path}:{lineno}: each line must be a JSON object; {EXPECTED}")
-        records.append((lineno, obj))
-    if not records:
-        raise DataError(f"{path}: empty task file; {EXPECTED}")
-    return records
+    """Parse a users' task file into (line number, object) pairs with file:line errors."""
+    return read_jsonl(path, "task file", EXPECTED)
 
 
 def record_to_example(obj: dict, where: str) -> Example:

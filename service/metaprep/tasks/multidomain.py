@@ -11,20 +11,15 @@ from pathlib import Path
 
 from metaprep.config import TasksConfig
 from metaprep.errors import ConfigError, DataError
+from metaprep.jsonio import read_jsonl
 from metaprep.tasks.base import Example, Task
-from metaprep.tasks.jsonl import EXPECTED as JSONL_EXPECTED
-from metaprep.tasks.jsonl import read_jsonl_records
 
 EXPECTED = 'expected one {"text": STR} object per line'
 
 
 def read_records(path: Path, expected: str) -> list[tuple[int, dict]]:
-    """:func:`read_jsonl_records` with ``expected`` naming this family's line shape."""
-    try:
-        return read_jsonl_records(path)
-    except DataError as exc:
-        # its messages describe the users' JSONL shape; say which shape this family wants instead
-        raise DataError(str(exc).replace(JSONL_EXPECTED, expected)) from None
+    """A task family's JSONL file; ``expected`` names the family's line shape in errors."""
+    return read_jsonl(path, "task file", expected)
 
 
 def read_domain(path: Path) -> Task:

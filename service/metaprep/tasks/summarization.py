@@ -19,6 +19,7 @@ from pathlib import Path
 
 from metaprep.config import TasksConfig
 from metaprep.errors import ConfigError, DataError
+from metaprep.jsonio import read_bytes
 from metaprep.tasks.base import Example, Task
 from metaprep.tasks.multidomain import read_records
 
@@ -40,12 +41,7 @@ def record_to_example(obj: dict, where: str) -> Example:
 
 def read_json_list(path: Path) -> list[tuple[int, dict]]:
     """(line number, object) for each element of a JSON list, so errors can name the element's line."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}: summarization file not found") from None
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read ({exc.strerror})") from None
+    raw = read_bytes(path, "summarization file")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

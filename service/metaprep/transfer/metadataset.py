@@ -71,6 +71,7 @@ from typing import Any
 import numpy as np
 
 from metaprep.errors import DataError
+from metaprep.jsonio import read_jsonl
 
 ConfigValue = float | str
 ADAPT_EXPERIMENT = "metaprep-adapt"
@@ -205,29 +206,6 @@ def _config_value(value: Any) -> ConfigValue:
     return str(value)
 
 
-def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"{path}: meta-dataset file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: cannot read as UTF-8 text ({exc})") from None
-    records = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
-        if not isinstance(obj, dict):
-            raise DataError(f"{path}:{lineno}: each line must be a JSON object")
-        records.append((lineno, obj))
-    if not records:
-        raise DataError(f"{path}: empty meta-dataset file")
-    return records
-
-
 def _curve(values: Any, where: str, key: str) -> list[float]:
     if not isinstance(values, list) or not values:
         raise DataError(f"{where}: {key!r} must be a non-empty list of numbers")
@@ -241,7 +219,7 @@ def read_nmtlc(path: str | Path) -> MetaDataset:
     """NMTLC JSONL (see the module docstring for what a dataset and a configuration are)."""
     path = Path(path)
     rows = []
-    for lineno, obj in _read_jsonl(path):
+    for lineno, obj in read_jsonl(path, "meta-dataset file"):
         where = f"{path}:{lineno}"
         missing = [k for k in NMTLC_KEYS if k not in obj]
         if missing:
@@ -413,7 +391,7 @@ def read_generic(path: str | Path) -> MetaDataset:
         except UnicodeDecodeError:
             raise DataError(f"{path}: not UTF-8 text") from None
     else:
-        rows = [_generic_row(obj, f"{path}:{lineno}") for lineno, obj in _read_jsonl(path)]
+        rows = [_generic_row(obj, f"{path}:{lineno}") for lineno, obj in read_jsonl(path, "meta-dataset file")]
     if not rows:
         raise DataError(f"{path}: no runs; {GENERIC_EXPECTED}")
     return MetaDataset(rows, path.name, "generic", "performance column (higher is better)")
@@ -500,7 +478,7 @@ def load_metadataset(path: str | Path) -> MetaDataset:
                         "mlflow:<tracking-uri>)")
     if p.suffix.lower() == ".csv":
         return read_generic(p)
-    first = _read_jsonl(p)[0][1]
+    first = read_jsonl(p, "meta-dataset file")[0][1]
     if all(k in first for k in NMTLC_KEYS):
         return read_nmtlc(p)
     return read_generic(p)
