@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -47,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.data_dir:
         overrides.append(f"tasks.data_dir={args.data_dir}")
     cfg = load_config(MetaTrainConfig, args.config, overrides)
+    for note in cfg.advisories():
+        print(f"warning: {note}", file=sys.stderr)
     t0 = time.perf_counter()
 
     from metaprep.registry.tracking import check_reachable, tracking_uri

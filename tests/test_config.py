@@ -10,7 +10,8 @@ import yaml
 from metaprep.config import MetaTrainConfig, load_config
 from metaprep.errors import ConfigError
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "jobs" / "configs").glob("*.yaml"))
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "jobs" / "configs").glob("*.yaml"))
 
 
 def _strip_sweep(path: Path, tmp_path: Path) -> Path:
@@ -60,3 +61,11 @@ def test_set_overrides_parse_yaml_scalars(tmp_path) -> None:
     cfg = load_config(MetaTrainConfig, _write(tmp_path, "meta:\n  inner_lr: 0.1\n"),
                       ["meta.inner_lr=5e-2", "meta.freeze_base=true", "reparam.targets=[q_proj]"])
     assert cfg.meta.inner_lr == 0.05 and cfg.meta.freeze_base is True and cfg.reparam.targets == ["q_proj"]
+
+
+def test_second_order_through_adam_is_flagged() -> None:
+    tiny = ROOT / "jobs/configs/tiny.yaml"
+    flagged = load_config(MetaTrainConfig, tiny, ["algorithm=maml", "meta.inner_optimizer=adam"])
+    assert flagged.second_order and "prefer sgd for second order" in flagged.advisories()[0]
+    for overrides in (["algorithm=maml"], ["algorithm=fomaml", "meta.inner_optimizer=adam"]):
+        assert load_config(MetaTrainConfig, tiny, overrides).advisories() == []

@@ -153,6 +153,22 @@ class MetaTrainConfig:
     registry: RegistryConfig = _help("MLflow registry", factory=RegistryConfig)
     tracking: TrackingConfig = _help("MLflow tracking", factory=TrackingConfig)
 
+    @property
+    def second_order(self) -> bool:
+        """Whether the meta-gradient differentiates through the inner updates (MAML eq. 1)."""
+        return self.algorithm == "maml" or (self.algorithm in ("mltd", "mltd_tarp") and self.meta.second_order)
+
+    def advisories(self) -> list[str]:
+        """Valid but numerically risky combinations, printed as warnings by the jobs."""
+        notes = []
+        if self.second_order and self.meta.inner_optimizer == "adam":
+            notes.append("meta.inner_optimizer: adam with second-order meta-gradients differentiates through Adam's "
+                         "g/sqrt(g^2+eps^2) step, whose slope is lr/eps where a fast-weight gradient is ~0 (e.g. a "
+                         "LoRA factor facing a zero-initialised one): the meta-gradient is ~1e6x larger than with sgd "
+                         "before clipping and changes with fp rounding (worker count, ZeRO stage); prefer sgd for "
+                         "second order, or adam with a first-order algorithm")
+        return notes
+
     def validate(self) -> MetaTrainConfig:
         """Range checks that types alone cannot express."""
         _choice("algorithm", self.algorithm, ALGORITHMS)
