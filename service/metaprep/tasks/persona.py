@@ -32,6 +32,7 @@ from pathlib import Path
 
 from metaprep.config import TasksConfig
 from metaprep.errors import ConfigError, DataError
+from metaprep.jsonio import read_bytes
 from metaprep.tasks.base import Example, Task
 
 PARLAI_FILE = "valid_self_original_no_cands.txt"
@@ -104,7 +105,7 @@ def dialogue_examples(dialogue: Dialogue) -> list[Example]:
 def read_parlai_dialogues(path: str | Path) -> list[Dialogue]:
     """Parse a ParlAI dialogue file with ``file:line`` errors; dialogue ids are ``d0000``, ``d0001``..."""
     path = Path(path)
-    raw = _read_bytes(path, "dialogue file")
+    raw = read_bytes(path, "dialogue file")
     dialogues: list[Dialogue] = []
     persona: list[str] = []
     turns: list[tuple[str, str]] = []
@@ -264,7 +265,7 @@ def load_synthetic_persona_csv(path: str | Path) -> list[Task]:
     ``[A few minutes later]``) are skipped. Dialogue ids are ``r<CSV line of the row>``.
     """
     path = Path(path)
-    raw = _read_bytes(path, "CSV file")
+    raw = read_bytes(path, "CSV file")
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -352,17 +353,8 @@ def _digest(sentences: object) -> str:
     return hashlib.sha1("\n".join(sorted(sentences)).encode()).hexdigest()[:10]
 
 
-def _read_bytes(path: Path, what: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}: {what} not found") from None
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read {what} ({exc.strerror})") from None
-
-
 def _read_json(path: Path) -> object:
-    raw = _read_bytes(path, "JSON file")
+    raw = read_bytes(path, "JSON file")
     try:
         return json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
