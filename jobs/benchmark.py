@@ -27,6 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="result JSON path (a .md table is written next to it)")
     p.add_argument("--quick", action="store_true", help="reduced run (tests, smoke checks)")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (default: suite's own, >= 3)")
+    p.add_argument("--methods", default=None,
+                   help="LM suites: comma-separated methods to run, including finetune (default: the suite's)")
+    p.add_argument("--meta-steps", type=int, default=None,
+                   help="LM suites: meta-training steps of every method (default: the suite's)")
     p.add_argument("--data-dir", default=None, help="shared data root (env METAPREP_DATA_DIR)")
     p.add_argument("--model-path", default=None, help="base model path (see model.path)")
     p.add_argument("--persona-test-csv", default=None, help="Synthetic-Persona-Chat CSV as the persona test set")
@@ -44,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"--suite {args.suite!r} is not valid; choose one of {', '.join(SUITES)}")
     if args.seeds is not None and args.seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {args.seeds}")
+    if args.meta_steps is not None and args.meta_steps < 1:
+        raise ConfigError(f"--meta-steps must be >= 1, got {args.meta_steps}")
     module, func = SUITES[args.suite].split(":")
     run = getattr(importlib.import_module(module), func)
     start = time.perf_counter()

@@ -118,6 +118,10 @@ CASES = [
     ("benchmark", lambda t: ["--suite", "imagenet", "--out", str(t / "o.json")], "--suite 'imagenet' is not valid"),
     ("benchmark", lambda t: ["--suite", "meta_lora_linear", "--out", str(t / "o.json"), "--seeds", "0"],
      "--seeds must be >= 1"),
+    ("benchmark", lambda t: ["--suite", "persona", "--out", str(t / "o.json"), "--meta-steps", "0"],
+     "--meta-steps must be >= 1"),
+    ("benchmark", lambda t: ["--suite", "persona", "--out", str(t / "o.json"), "--quick", "--methods", "mltd,maml"],
+     "--methods: 'mltd,maml'; expected a comma-separated subset"),
 ]
 
 

@@ -127,3 +127,14 @@ def test_quick_suite_runs_and_reports_finite_rows(suite, tmp_path):
         assert all(0.0 <= r["mean"] <= 1.0 for r in rows if r["metric"] == "accuracy")
     assert report["plots"] and all(Path(p).is_file() for p in report["plots"])
     assert set(report["curves"]) and report["protocol"]["quick"] is True
+
+
+def test_methods_and_meta_steps_override_the_suite_protocol(monkeypatch):
+    from metaprep.bench.lm_suites import protocol_for
+
+    monkeypatch.setenv("METAPREP_BENCH_METHODS", "finetune,maml")
+    default = protocol_for("persona", "any-model", quick=False, seeds=None)
+    assert default.methods == ("finetune", "maml") and default.meta_steps != 160
+    longer = protocol_for("persona", "any-model", quick=False, seeds=None, methods="finetune, multitask,mltd",
+                          meta_steps=160)
+    assert longer.methods == ("finetune", "multitask", "mltd") and longer.meta_steps == 160

@@ -116,8 +116,13 @@ class Protocol:
     test_shards: int = 4  # test tasks (shards) per held-out summarization domain
 
 
-def protocol_for(suite: str, model_path: str, quick: bool, seeds: int | None) -> Protocol:
-    """The suite's protocol for this model; ``quick`` = tiny budgets for tests."""
+def protocol_for(suite: str, model_path: str, quick: bool, seeds: int | None, methods: str | None = None,
+                 meta_steps: int | None = None) -> Protocol:
+    """The suite's protocol for this model; ``quick`` = tiny budgets for tests.
+
+    ``methods`` (comma-separated; else ``$METAPREP_BENCH_METHODS``) and ``meta_steps`` override the
+    suite's method list and meta-training budget (e.g. longer runs of a few methods).
+    """
     small = _is_llama2c(model_path)
     if suite == "summarization":
         proto = Protocol(shots=4, query_size=4, seq_len=128, meta_steps=30, meta_batch_size=2, rank=16, alpha=16.0,
@@ -139,14 +144,16 @@ def protocol_for(suite: str, model_path: str, quick: bool, seeds: int | None) ->
                         shard_size=8, max_shards=4, test_shards=2)
     if seeds is not None:
         proto = replace(proto, seeds=seeds)
-    env = os.environ.get(METHODS_ENV)
-    if env:
-        methods = tuple(m.strip() for m in env.split(",") if m.strip())
-        bad = [m for m in methods if m not in METHODS]
-        if bad or "finetune" not in methods:
-            raise ConfigError(f"${METHODS_ENV}: {env!r}; expected a comma-separated subset of {', '.join(METHODS)} "
+    if meta_steps is not None:
+        proto = replace(proto, meta_steps=meta_steps)
+    source, listed = ("--methods", methods) if methods else (f"${METHODS_ENV}", os.environ.get(METHODS_ENV))
+    if listed:
+        chosen = tuple(m.strip() for m in listed.split(",") if m.strip())
+        bad = [m for m in chosen if m not in METHODS]
+        if bad or "finetune" not in chosen:
+            raise ConfigError(f"{source}: {listed!r}; expected a comma-separated subset of {', '.join(METHODS)} "
                               f"that includes finetune (the reference of steps_to_match)")
-        proto = replace(proto, methods=methods)
+        proto = replace(proto, methods=chosen)
     return proto
 
 
@@ -485,7 +492,8 @@ def setup_suite(args: argparse.Namespace, suite: str) -> tuple[Path, str, Protoc
     root = data_root(args)
     model_path = getattr(args, "model_path", None) or default_model_path(root)
     return root, model_path, protocol_for(suite, model_path, bool(getattr(args, "quick", False)),
-                                          getattr(args, "seeds", None))
+                                          getattr(args, "seeds", None), getattr(args, "methods", None),
+                                          getattr(args, "meta_steps", None))
 
 
 def run_persona(args: argparse.Namespace) -> dict:
