@@ -122,6 +122,8 @@ CASES = [
      "--meta-steps must be >= 1"),
     ("benchmark", lambda t: ["--suite", "persona", "--out", str(t / "o.json"), "--quick", "--methods", "mltd,maml"],
      "--methods: 'mltd,maml'; expected a comma-separated subset"),
+    ("compare", lambda t: [str(t / "none.json:mltd"), str(t / "none.json:multitask")], "none.json: result file not found"),
+    ("compare", lambda t: ["results.json", "b.json:mltd"], "expected RESULT.json:METHOD"),
 ]
 
 

@@ -25,6 +25,7 @@ from metaprep.bench.lm_suites import (
     shard,
     steps_to_match,
 )
+from metaprep.errors import ConfigError
 from metaprep.tasks.base import Example, Task
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,3 +139,23 @@ def test_methods_and_meta_steps_override_the_suite_protocol(monkeypatch):
     longer = protocol_for("persona", "any-model", quick=False, seeds=None, methods="finetune, multitask,mltd",
                           meta_steps=160)
     assert longer.methods == ("finetune", "multitask", "mltd") and longer.meta_steps == 160
+
+
+def test_compare_pairs_two_runs_and_refuses_different_protocols(tmp_path):
+    from jobs.compare import compare
+
+    def run(path, steps, method, after, seq_len=48):
+        runs = [{"fold": "f", "seed": seed, "method": method, "tasks": ["a", "b"],
+                 "curve": [[3.0, 4.0], [after + seed, after + 1 + seed]]} for seed in (0, 1)]
+        path.write_text(json.dumps({"suite": "persona", "runs": runs,
+                                    "protocol": {"meta_steps": steps, "methods": [method], "seq_len": seq_len}}))
+        return path
+
+    long, short = run(tmp_path / "long.json", 160, "mltd", 2.0), run(tmp_path / "short.json", 80, "multitask", 2.25)
+    out = compare(f"{long}:mltd", f"{short}:multitask")
+    assert out["n"] == 4 and math.isclose(out["after"], -0.25) and math.isclose(out["before"], 0.0)
+    assert (out["a"]["meta_steps"], out["b"]["meta_steps"]) == (160, 80)
+    other = run(tmp_path / "other.json", 80, "multitask", 2.25, seq_len=64)
+    with pytest.raises(ConfigError, match="protocol differs from .* in seq_len"):
+        compare(f"{long}:mltd", f"{other}:multitask")
+

@@ -1,0 +1,77 @@
+"""Paired comparison of two LM-suite runs: ``python -m jobs.compare A.json:METHOD B.json:METHOD``.
+
+For runs of one suite that differ only in budget (``--meta-steps``) or method list, e.g. MLtD at
+160 meta-steps against multitask at 80 (the same number of outer-loss target tokens: multitask's
+loss reads support and query, MLtD's only query). Pairs the final (and step-0) query loss of each
+(fold, seed, test task), as :func:`metaprep.bench.lm_suites.paired_differences` does within one
+run; negative = A better than B. Refuses runs whose protocols differ in anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from jobs._cli import run_main
+from metaprep.bench.lm_suites import paired_differences
+from metaprep.errors import ConfigError
+
+MAY_DIFFER = ("meta_steps", "methods", "quick")
+
+
+def _side(spec: str) -> tuple[Path, str, dict]:
+    path, sep, method = spec.rpartition(":")
+    if not sep or not path or not method:
+        raise ConfigError(f"{spec!r}: expected RESULT.json:METHOD, e.g. results/persona_stories260k.json:mltd")
+    try:
+        report = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: result file not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: not a jobs.benchmark result JSON ({exc})") from None
+    if not isinstance(report, dict) or "runs" not in report or "protocol" not in report:
+        raise ConfigError(f"{path}: not an LM-suite result (no 'runs'/'protocol'); suites: persona, multidomain, "
+                          f"summarization, convai2_mc")
+    methods = sorted({r["method"] for r in report["runs"]})
+    if method not in methods:
+        raise ConfigError(f"{path}: no runs of method {method!r}; it has {', '.join(methods)}")
+    return Path(path), method, report
+
+
+def compare(a: str, b: str) -> dict:
+    (pa, ma, ra), (pb, mb, rb) = _side(a), _side(b)
+    if ra.get("suite") != rb.get("suite"):
+        raise ConfigError(f"{pb}: suite {rb.get('suite')!r} differs from {pa}'s {ra.get('suite')!r}")
+    differ = sorted(k for k in set(ra["protocol"]) | set(rb["protocol"])
+                    if k not in MAY_DIFFER and ra["protocol"].get(k) != rb["protocol"].get(k))
+    if differ:
+        raise ConfigError(f"{pb}: protocol differs from {pa}'s in {', '.join(differ)} (only "
+                          f"{', '.join(MAY_DIFFER)} may differ for a paired comparison)")
+    label_a, label_b = f"A:{ma}", f"B:{mb}"
+    records = ([{**r, "method": label_a} for r in ra["runs"] if r["method"] == ma]
+               + [{**r, "method": label_b} for r in rb["runs"] if r["method"] == mb])
+    paired = paired_differences(records, reference=label_b).get(label_a)
+    if paired is None:
+        raise ConfigError(f"{pa} and {pb}: fewer than 2 (fold, seed, task) pairs in common")
+    return {"a": {"file": str(pa), "method": ma, "meta_steps": ra["protocol"]["meta_steps"]},
+            "b": {"file": str(pb), "method": mb, "meta_steps": rb["protocol"]["meta_steps"]}, **paired}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m jobs.compare", description=__doc__.splitlines()[0])
+    p.add_argument("a", metavar="A.json:METHOD")
+    p.add_argument("b", metavar="B.json:METHOD")
+    args = p.parse_args(argv)
+    out = compare(args.a, args.b)
+    print("| A | B | A − B query loss after adaptation (95 % CI) | before adaptation | pairs |")
+    print("|---|---|---|---|---|")
+    print(f"| {out['a']['method']} @ {out['a']['meta_steps']} meta-steps | {out['b']['method']} @ "
+          f"{out['b']['meta_steps']} meta-steps | {out['after']:+.4f} ± {out['after_ci95']:.4f} | "
+          f"{out['before']:+.4f} ± {out['before_ci95']:.4f} | {out['n']} |")
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
