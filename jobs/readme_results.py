@@ -2,6 +2,8 @@
 
 Each ``results/*.json`` written by ``jobs.benchmark`` contributes its markdown table (the ``.md``
 next to it), its runtime and the command recorded in ``results/COMMANDS.md``; nothing is typed by hand.
+Lines ``- compare: `A.json:METHOD B.json:METHOD``` in that file add a table of paired comparisons
+across runs, computed here by :func:`jobs.compare.compare`.
 """
 
 from __future__ import annotations
@@ -54,6 +56,28 @@ def paired(report: dict) -> str:
             "95 % t-interval):\n\n" + "\n".join(lines) + "\n")
 
 
+def comparisons() -> str:
+    path = ROOT / "results" / "COMMANDS.md"
+    pairs = re.findall(r"^- compare: `(\S+) (\S+)`", path.read_text(), flags=re.M) if path.exists() else []
+    if not pairs:
+        return ""
+    from jobs.compare import compare
+    from metaprep.errors import MetaprepError
+
+    lines = ["| A | B | A − B query loss after adaptation | before adaptation | pairs |", "|---|---|---|---|---|"]
+    for a, b in pairs:
+        try:
+            out = compare(str(ROOT / a), str(ROOT / b))
+        except MetaprepError as exc:
+            raise SystemExit(f"error: results/COMMANDS.md: compare {a} {b}: {exc}") from None
+        name = (lambda side: f"`{Path(side['file']).stem}` {side['method']} @ {side['meta_steps']} meta-steps")
+        lines.append(f"| {name(out['a'])} | {name(out['b'])} | {out['after']:+.4f} ± {out['after_ci95']:.4f} | "
+                     f"{out['before']:+.4f} ± {out['before_ci95']:.4f} | {out['n']} |")
+    return ("#### Paired comparisons across runs (`python -m jobs.compare A.json:METHOD B.json:METHOD`)\n\n"
+            "Same fold, seed and test task; negative = A has the lower query loss; 95 % t-interval.\n\n"
+            + "\n".join(lines) + "\n")
+
+
 def _num(v: object) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
@@ -72,7 +96,10 @@ def section() -> str:
         cmd = cmds.get(path.name, f"python -m jobs.benchmark --suite {report['suite']} --out results/{path.name}")
         parts.append(f"#### `{path.stem}` (suite `{report['suite']}`, {report['runtime_s']} s)\n\n"
                      f"```\n{cmd}\n```\n\n{table.strip()}\n{targets(report)}{paired(report)}")
-    return "\n".join(parts) if parts else "_No benchmark outputs yet._\n"
+    if not parts:
+        return "_No benchmark outputs yet._\n"
+    extra = comparisons()
+    return "\n".join(parts) + (f"\n{extra}" if extra else "")
 
 
 def main() -> None:
