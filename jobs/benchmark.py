@@ -50,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"--seeds must be >= 1, got {args.seeds}")
     if args.meta_steps is not None and args.meta_steps < 1:
         raise ConfigError(f"--meta-steps must be >= 1, got {args.meta_steps}")
+    if args.methods is not None:
+        from metaprep.bench.lm_suites import parse_methods
+
+        parse_methods(args.methods)  # before any data is looked for
     module, func = SUITES[args.suite].split(":")
     run = getattr(importlib.import_module(module), func)
     start = time.perf_counter()

@@ -148,13 +148,17 @@ def protocol_for(suite: str, model_path: str, quick: bool, seeds: int | None, me
         proto = replace(proto, meta_steps=meta_steps)
     source, listed = ("--methods", methods) if methods else (f"${METHODS_ENV}", os.environ.get(METHODS_ENV))
     if listed:
-        chosen = tuple(m.strip() for m in listed.split(",") if m.strip())
-        bad = [m for m in chosen if m not in METHODS]
-        if bad or "finetune" not in chosen:
-            raise ConfigError(f"{source}: {listed!r}; expected a comma-separated subset of {', '.join(METHODS)} "
-                              f"that includes finetune (the reference of steps_to_match)")
-        proto = replace(proto, methods=chosen)
+        proto = replace(proto, methods=parse_methods(listed, source))
     return proto
+
+
+def parse_methods(listed: str, source: str = "--methods") -> tuple[str, ...]:
+    """A comma-separated method list; it must include finetune (the reference of steps_to_match)."""
+    chosen = tuple(m.strip() for m in listed.split(",") if m.strip())
+    if any(m not in METHODS for m in chosen) or "finetune" not in chosen:
+        raise ConfigError(f"{source}: {listed!r}; expected a comma-separated subset of {', '.join(METHODS)} "
+                          f"that includes finetune (the reference of steps_to_match)")
+    return chosen
 
 
 def _is_llama2c(model_path: str) -> bool:
