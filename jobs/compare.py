@@ -58,17 +58,24 @@ def compare(a: str, b: str) -> dict:
             "b": {"file": str(pb), "method": mb, "meta_steps": rb["protocol"]["meta_steps"]}, **paired}
 
 
+HEADER = ("| A | B | A − B query loss after adaptation (95 % CI) | before adaptation | pairs |\n"
+          "|---|---|---|---|---|")
+
+
+def markdown_row(out: dict, name=lambda side: f"{side['method']} @ {side['meta_steps']} meta-steps") -> str:
+    """One table row of :func:`compare`'s result; ``name`` labels a side."""
+    return (f"| {name(out['a'])} | {name(out['b'])} | {out['after']:+.4f} ± {out['after_ci95']:.4f} | "
+            f"{out['before']:+.4f} ± {out['before_ci95']:.4f} | {out['n']} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.compare", description=__doc__.splitlines()[0])
     p.add_argument("a", metavar="A.json:METHOD")
     p.add_argument("b", metavar="B.json:METHOD")
     args = p.parse_args(argv)
     out = compare(args.a, args.b)
-    print("| A | B | A − B query loss after adaptation (95 % CI) | before adaptation | pairs |")
-    print("|---|---|---|---|---|")
-    print(f"| {out['a']['method']} @ {out['a']['meta_steps']} meta-steps | {out['b']['method']} @ "
-          f"{out['b']['meta_steps']} meta-steps | {out['after']:+.4f} ± {out['after_ci95']:.4f} | "
-          f"{out['before']:+.4f} ± {out['before_ci95']:.4f} | {out['n']} |")
+    print(HEADER)
+    print(markdown_row(out))
     print(json.dumps(out))
     return 0
 

@@ -61,18 +61,17 @@ def comparisons() -> str:
     pairs = re.findall(r"^- compare: `(\S+) (\S+)`", path.read_text(), flags=re.M) if path.exists() else []
     if not pairs:
         return ""
-    from jobs.compare import compare
+    from jobs.compare import HEADER, compare, markdown_row
     from metaprep.errors import MetaprepError
 
-    lines = ["| A | B | A − B query loss after adaptation | before adaptation | pairs |", "|---|---|---|---|---|"]
+    lines = [HEADER]
     for a, b in pairs:
         try:
             out = compare(str(ROOT / a), str(ROOT / b))
         except MetaprepError as exc:
             raise SystemExit(f"error: results/COMMANDS.md: compare {a} {b}: {exc}") from None
-        name = (lambda side: f"`{Path(side['file']).stem}` {side['method']} @ {side['meta_steps']} meta-steps")
-        lines.append(f"| {name(out['a'])} | {name(out['b'])} | {out['after']:+.4f} ± {out['after_ci95']:.4f} | "
-                     f"{out['before']:+.4f} ± {out['before_ci95']:.4f} | {out['n']} |")
+        lines.append(markdown_row(out, lambda side: f"`{Path(side['file']).stem}` {side['method']} @ "
+                                                    f"{side['meta_steps']} meta-steps"))
     return ("#### Paired comparisons across runs (`python -m jobs.compare A.json:METHOD B.json:METHOD`)\n\n"
             "Same fold, seed and test task; negative = A has the lower query loss; 95 % t-interval.\n\n"
             + "\n".join(lines) + "\n")

@@ -68,6 +68,7 @@ def deepspeed_config(cfg: MetaTrainConfig) -> dict:
 
 
 def noise_seed(seed: int, step: int, slot: int) -> int:
+    """Seed of the TAMS Gumbel noise of the task in ``slot`` of meta-step ``step`` (stable across processes)."""
     return int.from_bytes(hashlib.sha256(f"{seed}:{step}:{slot}".encode()).digest()[:4], "little")
 
 
