@@ -351,6 +351,30 @@ def test_plot_marks_every_status(tmp_path):
     assert out is not None and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.parametrize("verdict,own_tags,own_status,want_status", [
+    # ASHA's kill reached the trial's own except branch first: it tagged the run failed just before dying
+    ("early_stopped", {"sweep.status": "failed", "sweep.error": "RayTaskError: cancelled"}, "FAILED", "KILLED"),
+    ("early_stopped", {"sweep.status": "running"}, "RUNNING", "KILLED"),  # killed before any bookkeeping
+    ("failed", {"sweep.status": "running"}, "RUNNING", "FAILED"),
+    ("completed", {"sweep.status": "completed"}, "FINISHED", "FINISHED"),
+])
+def test_child_run_agrees_with_the_driver(tmp_path, verdict, own_tags, own_status, want_status):
+    from mlflow.tracking import MlflowClient
+
+    from metaprep.tune.sweep import TrialOutcome, _reconcile_child_run
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = client.create_run(client.create_experiment("sweep"), tags=own_tags).info.run_id
+    if own_status != "RUNNING":
+        client.set_terminated(run_id, own_status)
+    error = "RayTaskError: worker died" if verdict == "failed" else None
+    trial = TrialOutcome("t1", verdict, {"meta.inner_lr": 0.1}, 2.5, 2, run_id, error=error)
+    _reconcile_child_run(client, client.get_run(run_id), trial)
+    run = client.get_run(run_id)
+    assert run.data.tags["sweep.status"] == verdict and run.info.status == want_status
+    assert run.data.tags.get("sweep.error") == error
+
+
 def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys):
     from jobs._cli import run_main
     from jobs.sweep import main
@@ -385,13 +409,22 @@ def live_ray(request):
 
 
 def _job_leftovers(ray, job_id: str) -> list[str]:
-    """Placement groups and actors of ``job_id`` that still hold (or wait for) resources."""
+    """Placement groups and actors of ``job_id`` that still hold (or wait for) resources.
+
+    Detached actors that reserve nothing are cluster singletons, not leaks: Ray Train V2 creates its
+    ``AutoscalingCoordinator`` (num_cpus=0, lifetime="detached") under whichever job first trains on a
+    fresh cluster, and it lives as long as the cluster.
+    """
     from ray.util.state import list_actors
+
+    def singleton(a) -> bool:
+        return bool(a.is_detached) and not any((a.required_resources or {}).values())
 
     left = [f"pg {pg_id} {pg['state']}" for pg_id, pg in ray.util.placement_group_table().items()
             if pg_id.endswith(job_id) and pg["state"] != "REMOVED"]
-    left += [f"actor {a.class_name} {a.state}" for a in list_actors(filters=[("job_id", "=", job_id)], limit=1000)
-             if a.state != "DEAD"]
+    left += [f"actor {a.class_name} {a.state}"
+             for a in list_actors(filters=[("job_id", "=", job_id)], limit=1000, detail=True)
+             if a.state != "DEAD" and not singleton(a)]
     return left
 
 

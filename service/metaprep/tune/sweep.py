@@ -290,6 +290,27 @@ def _outcomes(grid, child_runs: dict[str, Any]) -> list[TrialOutcome]:
     return sorted(out, key=lambda t: t.trial_id)
 
 
+def _reconcile_child_run(client, run, trial: TrialOutcome) -> None:
+    """Make a trial's MLflow child run agree with the driver's verdict on it.
+
+    The driver's status is authoritative: a trial ASHA stops is killed mid-``fit``, and the kill can reach
+    the trial's own ``except`` branch first, which tags the run ``failed`` just before the process dies.
+    Runs Tune killed before any bookkeeping are still ``RUNNING`` and are closed here.
+    """
+    if run is None:
+        return
+    run_id, tags = run.info.run_id, run.data.tags
+    if tags.get("sweep.status") != trial.status:
+        client.set_tag(run_id, "sweep.status", trial.status)
+    if trial.status == "early_stopped" and "sweep.error" in tags:
+        client.delete_tag(run_id, "sweep.error")  # the scheduler's kill, not an error of the trial
+    elif trial.error and tags.get("sweep.error") is None:
+        client.set_tag(run_id, "sweep.error", trial.error[:4000])
+    wanted = {"completed": "FINISHED", "early_stopped": "KILLED"}.get(trial.status, "FAILED")
+    if run.info.status != wanted:
+        client.set_terminated(run_id, wanted)
+
+
 def plot_sweep(trials: list[TrialOutcome], spec: SweepSpec, path: Path) -> Path | None:
     """Scatter of the two swept learning rates (or the first two numeric keys), coloured by meta-val loss."""
     import matplotlib
@@ -572,13 +593,8 @@ def _tune_and_register(cfg: MetaTrainConfig, base: dict, spec: SweepSpec, concur
     children = {r.data.tags.get("sweep.trial_id"): r for r in client.search_runs(
         [experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'", max_results=10000)}
     trials = _outcomes(grid, children)
-    for t in trials:  # close child runs Tune stopped (ASHA) or killed before their own bookkeeping
-        run = children.get(t.trial_id)
-        if run is not None and run.info.status == "RUNNING":
-            client.set_tag(run.info.run_id, "sweep.status", t.status)
-            if t.error:
-                client.set_tag(run.info.run_id, "sweep.error", t.error[:4000])
-            client.set_terminated(run.info.run_id, "KILLED" if t.status == "early_stopped" else "FAILED")
+    for t in trials:
+        _reconcile_child_run(client, children.get(t.trial_id), t)
     for t in trials:
         shown = "-" if t.metric is None else f"{t.metric:.4f}"
         log(f"  {t.trial_id}  {t.status:<13} {METRIC}={shown:<8} "
