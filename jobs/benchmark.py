@@ -33,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LM suites: meta-training steps of every method (default: the suite's)")
     p.add_argument("--data-dir", default=None, help="shared data root (env METAPREP_DATA_DIR)")
     p.add_argument("--model-path", default=None, help="base model path (see model.path)")
+    p.add_argument("--mc-scorer", default=None,
+                   help="convai2_mc: encoder (a sentence encoder scores context/candidate pairs; all-MiniLM-L6-v2 "
+                        "unless --model-path), lm (the adapted causal LM ranks by likelihood) or auto (default: "
+                        "follows --model-path)")
     p.add_argument("--persona-test-csv", default=None, help="Synthetic-Persona-Chat CSV as the persona test set")
     p.add_argument("--domains-dir", default=None, help="folder of <domain>.jsonl (multidomain)")
     p.add_argument("--test-domains", default=None, help="comma-separated held-out domains (multidomain)")

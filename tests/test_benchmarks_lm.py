@@ -102,12 +102,13 @@ def test_shard_is_disjoint_and_deterministic():
 
 
 @pytest.mark.skipif(not HAVE_SHARED, reason="../shared data or stories260K not present")
-@pytest.mark.parametrize("suite", ["persona", "multidomain", "summarization", "convai2_mc"])
-def test_quick_suite_runs_and_reports_finite_rows(suite, tmp_path):
+@pytest.mark.parametrize("suite,extra", [("persona", []), ("multidomain", []), ("summarization", []),
+                                         ("convai2_mc", []), ("convai2_mc", ["--mc-scorer", "lm"])])
+def test_quick_suite_runs_and_reports_finite_rows(suite, extra, tmp_path):
     out = tmp_path / f"{suite}.json"
     env = {k: v for k, v in os.environ.items() if k != "METAPREP_BENCH_METHODS"}
     proc = subprocess.run([sys.executable, "-m", "jobs.benchmark", "--suite", suite, "--quick", "--out", str(out),
-                           "--no-mlflow", "--data-dir", str(SHARED / "data")],
+                           "--no-mlflow", "--data-dir", str(SHARED / "data"), *extra],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -126,6 +127,7 @@ def test_quick_suite_runs_and_reports_finite_rows(suite, tmp_path):
         assert math.isfinite(r["mean"]) and math.isfinite(r["ci95"]), r
     if suite == "convai2_mc":
         assert all(0.0 <= r["mean"] <= 1.0 for r in rows if r["metric"] == "accuracy")
+        assert report["scorer"] == ("lm" if extra else "encoder")  # no --model-path: MiniLM (DESIGN.md §4)
     assert report["plots"] and all(Path(p).is_file() for p in report["plots"])
     assert set(report["curves"]) and report["protocol"]["quick"] is True
 

@@ -63,6 +63,19 @@ def test_set_overrides_parse_yaml_scalars(tmp_path) -> None:
     assert cfg.meta.inner_lr == 0.05 and cfg.meta.freeze_base is True and cfg.reparam.targets == ["q_proj"]
 
 
+@pytest.mark.parametrize("flag", [False, True])
+def test_config_and_algorithm_agree_on_the_order(flag: bool) -> None:
+    """``cfg.second_order`` (config-time warnings) and ``algorithm.first_order`` (ZeRO-3 hold) never disagree."""
+    from metaprep.config import ALGORITHMS
+    from metaprep.meta.algorithm import get_algorithm
+
+    for name in ALGORITHMS:
+        cfg = load_config(MetaTrainConfig, ROOT / "jobs/configs/tiny.yaml",
+                          [f"algorithm={name}", f"meta.second_order={str(flag).lower()}",
+                           f"reparam.kind={'tarp_kronecker' if name.startswith('mltd') else 'lora'}"])
+        assert get_algorithm(name, second_order=cfg.meta.second_order).first_order is not cfg.second_order, name
+
+
 def test_second_order_through_adam_is_flagged() -> None:
     tiny = ROOT / "jobs/configs/tiny.yaml"
     flagged = load_config(MetaTrainConfig, tiny, ["algorithm=maml", "meta.inner_optimizer=adam"])

@@ -215,7 +215,9 @@ def test_convai2_mc_candidates(tmp_path):
     assert _mc_signature(load_mc_tasks(tmp_path, seed=1)) != _mc_signature(tasks)
     plain = load_convai2_mc_tasks(TasksConfig(family="convai2_mc"), tmp_path)
     assert plain[0].examples[0].target == tasks[0].examples[0].candidates[tasks[0].examples[0].label]
-    assert plain[0].examples[0] == load_parlai_persona_tasks(path)[0].examples[0]
+    choice, example = plain[0].examples[0], load_parlai_persona_tasks(path)[0].examples[0]
+    assert (choice.prompt, choice.target) == (example.prompt, example.target)  # an Example to every LM path
+    assert (choice.candidates, choice.label) == (tasks[0].examples[0].candidates, tasks[0].examples[0].label)
 
 
 def test_convai2_mc_independent_of_hash_seed(tmp_path):

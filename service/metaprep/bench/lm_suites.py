@@ -62,8 +62,9 @@ from metaprep.config import MetaTrainConfig
 from metaprep.errors import ConfigError, DataError
 from metaprep.meta.adapt import adapt
 from metaprep.meta.build import build_meta_model
+from metaprep.meta.mc_scorer import ENCODER_TARGETS
 from metaprep.models.base import detect_kind, resolve_path
-from metaprep.tasks.base import Episode, Task, TaskSplit, fixed_episodes, make_batch
+from metaprep.tasks.base import Episode, Task, TaskBatch, TaskSplit, fixed_episodes, make_batch
 from metaprep.tasks.families import resolve_data_dir
 from metaprep.tasks.multidomain import domain_files, load_domain_folder
 from metaprep.tasks.persona import load_synthetic_persona_csv
@@ -117,14 +118,22 @@ class Protocol:
 
 
 def protocol_for(suite: str, model_path: str, quick: bool, seeds: int | None, methods: str | None = None,
-                 meta_steps: int | None = None) -> Protocol:
+                 meta_steps: int | None = None, encoder: bool = False) -> Protocol:
     """The suite's protocol for this model; ``quick`` = tiny budgets for tests.
 
     ``methods`` (comma-separated; else ``$METAPREP_BENCH_METHODS``) and ``meta_steps`` override the
-    suite's method list and meta-training budget (e.g. longer runs of a few methods).
+    suite's method list and meta-training budget (e.g. longer runs of a few methods). ``encoder``: the
+    convai2_mc sentence-encoder scorer (MiniLM, 21 sequences per example: shorter episodes, bf16).
     """
     small = _is_llama2c(model_path)
-    if suite == "summarization":
+    if encoder:
+        # LoRA r=8 on attention q/v as in the paper's RoBERTa run; BERT-style small outer lr for the full encoder
+        proto = Protocol(shots=4, query_size=4, seq_len=48, lr_grid=(3e-4, 1e-3, 3e-3), inner_lr=1e-3,
+                         meta_batch_size=2, outer_lr=2e-5, rank=8, alpha=8.0, targets=ENCODER_TARGETS,
+                         val_tasks=3, test_tasks=12, eval_chunk=12, precision="bf16", threads=2,
+                         methods=("finetune", "multitask", "meta_lora"))
+        small = True  # the protocol above is already sized for this machine
+    elif suite == "summarization":
         proto = Protocol(shots=4, query_size=4, seq_len=128, meta_steps=30, meta_batch_size=2, rank=16, alpha=16.0,
                          val_tasks=4, max_new_tokens=32)
     elif suite == "multidomain":
@@ -140,8 +149,8 @@ def protocol_for(suite: str, model_path: str, quick: bool, seeds: int | None, me
     if quick:
         proto = replace(proto, shots=2, query_size=2, seq_len=32 if suite != "summarization" else 96,
                         adapt_steps=2, lr_grid=(3e-3, 1e-2), meta_steps=2, meta_batch_size=2, val_tasks=2,
-                        test_tasks=3, methods=QUICK_METHODS, seeds=1, max_new_tokens=min(proto.max_new_tokens, 6),
-                        shard_size=8, max_shards=4, test_shards=2)
+                        test_tasks=3, methods=("finetune", "meta_lora") if encoder else QUICK_METHODS, seeds=1,
+                        max_new_tokens=min(proto.max_new_tokens, 6), shard_size=8, max_shards=4, test_shards=2)
     if seeds is not None:
         proto = replace(proto, seeds=seeds)
     if meta_steps is not None:
@@ -190,7 +199,8 @@ def default_model_path(data_dir: Path) -> str:
 
 def model_label(model_path: str) -> str:
     name = Path(model_path.split(":", 1)[-1]).name
-    return "SmolLM2-135M" if "smollm2" in model_path.lower() else name
+    known = {"smollm2": "SmolLM2-135M", "all-minilm-l6-v2": "all-MiniLM-L6-v2"}
+    return next((label for key, label in known.items() if key in model_path.lower()), name)
 
 
 # --------------------------------------------------------------------------- the harness
@@ -245,15 +255,19 @@ def prepare(method: str, seed: int, proto: Protocol, fold: Fold, model_path: str
 
 
 def evaluate(model, tokenizer, episodes: list[Episode], proto: Protocol, lr: float,
-             hook: Hook | None = None) -> tuple[list[list[float]], dict[str, list[float]]]:
-    """Adapt every episode's task (in chunks of ``eval_chunk`` tasks); per-step per-task query losses."""
+             hook: Hook | None = None, batch_fn: Callable[..., TaskBatch] = make_batch,
+             ) -> tuple[list[list[float]], dict[str, list[float]]]:
+    """Adapt every episode's task (in chunks of ``eval_chunk`` tasks); per-step per-task query losses.
+
+    ``batch_fn(episodes, part, tokenizer, seq_len)`` encodes a chunk (``make_batch``: causal-LM examples).
+    """
     dtype = torch.bfloat16 if proto.precision == "bf16" else None
     curve: list[list[float]] = [[] for _ in range(proto.adapt_steps + 1)]
     extras: dict[str, list[float]] = {}
     for start in range(0, len(episodes), proto.eval_chunk):
         chunk = episodes[start:start + proto.eval_chunk]
-        support = make_batch(chunk, "support", tokenizer, proto.seq_len)
-        query = make_batch(chunk, "query", tokenizer, proto.seq_len)
+        support = batch_fn(chunk, "support", tokenizer, proto.seq_len)
+        query = batch_fn(chunk, "query", tokenizer, proto.seq_len)
         res = adapt(model, support, query, proto.adapt_steps, lr, "adam", autocast_dtype=dtype)
         for step, losses in enumerate(res.curve):
             curve[step].extend(losses)
@@ -269,12 +283,16 @@ def mean_or_nan(values: list[float]) -> float:
 
 def run_folds(folds: list[Fold], proto: Protocol, model_path: str, hook: Hook | None = None,
               val_score: Callable[[list[list[float]], dict], float] | None = None,
-              log: Callable[[str], None] = print) -> list[dict]:
+              log: Callable[[str], None] = print, prepare_fn: Callable | None = None,
+              batch_fn: Callable[..., TaskBatch] = make_batch) -> list[dict]:
     """Meta-train and evaluate every (fold, seed, method); one record each (curves, timings, lr choice).
 
     ``val_score(curve, extras)`` ranks the lr candidates on meta-val (lower is better; default: mean
     query loss after adaptation); ``hook`` runs at meta-val only when a ``val_score`` is given.
+    ``prepare_fn`` (default :func:`prepare`) and ``batch_fn`` swap in another model family (the
+    convai2_mc sentence encoder).
     """
+    prepare_fn = prepare_fn or prepare
     torch.set_num_threads(proto.threads)  # finetune never enters the training loop, which would set it
     tune_hook = hook if val_score is not None else None
     val_score = val_score or (lambda curve, extras: mean_or_nan(curve[-1]))
@@ -296,19 +314,19 @@ def run_folds(folds: list[Fold], proto: Protocol, model_path: str, hook: Hook | 
             test_eps = fixed_episodes(test_tasks, proto.shots, proto.query_size, seed)
             for method in proto.methods:
                 c0, t0 = time.process_time(), time.perf_counter()
-                model, tok, info = prepare(method, seed, proto, fold, model_path)
+                model, tok, info = prepare_fn(method, seed, proto, fold, model_path)
                 t1 = time.perf_counter()
                 key = (fold.name, method)
                 if key not in chosen:  # tuned once per fold, on the first seed, on meta-val tasks only
                     scores = {}
                     for lr in proto.lr_grid:
-                        curve, extras = evaluate(model, tok, val_eps, proto, lr, tune_hook)
+                        curve, extras = evaluate(model, tok, val_eps, proto, lr, tune_hook, batch_fn)
                         score = val_score(curve, extras)
                         scores[lr] = score if math.isfinite(score) else float("inf")
                     chosen[key] = (min(scores, key=scores.get), scores)
                 lr, scores = chosen[key]
                 t2 = time.perf_counter()
-                curve, extras = evaluate(model, tok, test_eps, proto, lr, hook)
+                curve, extras = evaluate(model, tok, test_eps, proto, lr, hook, batch_fn)
                 t3 = time.perf_counter()
                 records.append({"fold": fold.name, "seed": seed, "method": method, "lr": lr,
                                 "val_scores": {str(k): v for k, v in scores.items()},
@@ -492,12 +510,13 @@ def build_report(suite: str, records: list[dict], proto: Protocol, model_path: s
 
 # --------------------------------------------------------------------------- suites
 
-def setup_suite(args: argparse.Namespace, suite: str) -> tuple[Path, str, Protocol]:
+def setup_suite(args: argparse.Namespace, suite: str, default_model: str | None = None,
+                encoder: bool = False) -> tuple[Path, str, Protocol]:
     root = data_root(args)
-    model_path = getattr(args, "model_path", None) or default_model_path(root)
+    model_path = getattr(args, "model_path", None) or default_model or default_model_path(root)
     return root, model_path, protocol_for(suite, model_path, bool(getattr(args, "quick", False)),
                                           getattr(args, "seeds", None), getattr(args, "methods", None),
-                                          getattr(args, "meta_steps", None))
+                                          getattr(args, "meta_steps", None), encoder=encoder)
 
 
 def run_persona(args: argparse.Namespace) -> dict:

@@ -11,9 +11,9 @@ from metaprep.meta.model import MetaModel
 from metaprep.models.base import LoadedModel, load_base_model
 
 
-def build_meta_model(cfg: MetaTrainConfig, loaded: LoadedModel | None = None,
-                     num_train_tasks: int = 0) -> tuple[MetaModel, LoadedModel]:
-    """Load (or take) the base model and wrap it for ``cfg.algorithm``.
+def build_meta_model(cfg: MetaTrainConfig, loaded: LoadedModel | None = None, num_train_tasks: int = 0,
+                     model_cls: type[MetaModel] = MetaModel) -> tuple[MetaModel, LoadedModel]:
+    """Load (or take) the base model and wrap it for ``cfg.algorithm`` as a ``model_cls``.
 
     Trainable parameters follow the algorithm: the base unless ``meta.freeze_base`` (and never for
     ``finetune``); the fast-weight init only for algorithms that meta-learn it; the controller for
@@ -24,7 +24,7 @@ def build_meta_model(cfg: MetaTrainConfig, loaded: LoadedModel | None = None,
     if not algorithm.first_order:
         # CPU flash-SDPA has no double backward; eager attention is differentiable twice.
         loaded.model.set_attn_implementation("eager")
-    model = MetaModel(loaded.model, cfg, uses_tams=algorithm.uses_tams)
+    model = model_cls(loaded.model, cfg, uses_tams=algorithm.uses_tams)
     model.algorithm = algorithm
     if cfg.algorithm == "meta_lora":
         model.adapters = AdapterTable(model.fast_init, max(num_train_tasks, 1), seed=cfg.seed + 3)
