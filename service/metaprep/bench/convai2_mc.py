@@ -113,7 +113,7 @@ def meta_train_scorer(model: MCScorer, cfg: MetaTrainConfig, tasks: list[Task], 
             torch.nn.utils.clip_grad_norm_(params, m.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        history.append(float(loss))
+        history.append(float(loss.detach()))
     model.eval()
     return {"meta_loss_start": history[0] if history else None, "meta_loss_end": history[-1] if history else None}
 

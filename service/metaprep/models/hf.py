@@ -32,6 +32,9 @@ def _one_line(e: BaseException, limit: int = 200) -> str:
 
 def guarded(what: str, path: Path, expected: str, fn: Callable[[], T]) -> T:
     """Run a transformers load; turn whatever it raises about bad files into one ModelLoadError line."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar per load buries the jobs' own output
     try:
         return fn()
     except ModelLoadError:
