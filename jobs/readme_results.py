@@ -52,7 +52,26 @@ def paired(report: dict) -> str:
     for method, d in diffs.items():
         lines.append(f"| {method} | {d['after']:+.4f} ± {d['after_ci95']:.4f} | {d['before']:+.4f} ± "
                      f"{d['before_ci95']:.4f} | {d['n']} |")
-    return ("\nPaired against `multitask` (same fold, seed and task; negative = lower loss than multitask; "
+    text = ("\nPaired against `multitask` (same fold, seed and task; negative = lower loss than multitask; "
+            "95 % t-interval):\n\n" + "\n".join(lines) + "\n")
+    return text + paired_extras(report["runs"])
+
+
+def paired_extras(runs: list[dict]) -> str:
+    """The suite's per-task extra metrics (accuracy, ROUGE) minus multitask's, from the stored runs."""
+    from metaprep.bench.lm_suites import paired_extra_differences
+
+    metrics = list(dict.fromkeys(m for r in runs for m in (r.get("extras") or {})))
+    tables = {m: paired_extra_differences(runs, m) for m in metrics}
+    tables = {m: t for m, t in tables.items() if t}
+    if not tables:
+        return ""
+    lines = ["| method | " + " | ".join(f"Δ {m}" for m in tables) + " | n |", "|---" * (len(tables) + 2) + "|"]
+    for method in dict.fromkeys(k for t in tables.values() for k in t):
+        cells = [f"{t[method]['mean']:+.4f} ± {t[method]['ci95']:.4f}" if method in t else "-" for t in tables.values()]
+        n = next(t[method]["n"] for t in tables.values() if method in t)
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {n} |")
+    return ("\nPaired against `multitask`, the suite's own metrics (positive = higher than multitask; "
             "95 % t-interval):\n\n" + "\n".join(lines) + "\n")
 
 

@@ -132,6 +132,21 @@ def test_quick_suite_runs_and_reports_finite_rows(suite, extra, tmp_path):
     assert set(report["curves"]) and report["protocol"]["quick"] is True
 
 
+def test_paired_extra_metric_differences_pair_by_seed_and_task():
+    from metaprep.bench.lm_suites import paired_extra_differences
+
+    def run(method, seed, acc):
+        return {"method": method, "fold": "f", "seed": seed, "tasks": ["a", "b"], "extras": {"accuracy": acc}}
+
+    records = [run("multitask", 0, [0.5, 0.2]), run("meta_lora", 0, [0.6, 0.3]),
+               run("multitask", 1, [0.1, 0.9]), run("meta_lora", 1, [0.2, 1.0]), run("finetune", 0, [0.5, 0.2])]
+    out = paired_extra_differences(records, "accuracy")
+    assert out["meta_lora"]["n"] == 4 and out["meta_lora"]["mean"] == pytest.approx(0.1)
+    assert out["meta_lora"]["ci95"] == pytest.approx(0.0, abs=1e-9)  # the same +0.1 on every pair
+    assert out["finetune"]["n"] == 2 and out["finetune"]["mean"] == pytest.approx(0.0)  # seed 0 only
+    assert "multitask" not in out
+
+
 def test_methods_and_meta_steps_override_the_suite_protocol(monkeypatch):
     from metaprep.bench.lm_suites import protocol_for
 
@@ -161,3 +176,12 @@ def test_compare_pairs_two_runs_and_refuses_different_protocols(tmp_path):
     with pytest.raises(ConfigError, match="protocol differs from .* in seq_len"):
         compare(f"{long}:mltd", f"{other}:multitask")
 
+
+
+def test_readme_results_section_is_what_the_result_files_render():
+    """The README's results are regenerated from results/*.json, never edited by hand: they must agree."""
+    from jobs.readme_results import BEGIN, END, section
+
+    readme = (ROOT / "README.md").read_text()
+    assert readme.split(BEGIN, 1)[1].split(END, 1)[0] == f"\n{section()}", \
+        "README results are stale: run PYTHONPATH=service python -m jobs.readme_results"

@@ -409,6 +409,21 @@ def paired_differences(records: list[dict], reference: str = "multitask") -> dic
     return out
 
 
+def paired_extra_differences(records: list[dict], metric: str, reference: str = "multitask") -> dict[str, dict]:
+    """Per method: a per-task extra metric (e.g. ``accuracy``) minus ``reference``'s on the same
+    (fold, seed, task), mean and 95 % CI (positive = higher than the reference)."""
+    value = {(r["method"], r["fold"], r["seed"], task): v
+             for r in records for task, v in zip(r["tasks"], r["extras"].get(metric, []), strict=False)}
+    out: dict[str, dict] = {}
+    for method in dict.fromkeys(r["method"] for r in records):
+        diffs = [value[(method, *k[1:])] - v for k, v in value.items()
+                 if k[0] == reference and method != reference and (method, *k[1:]) in value]
+        if len(diffs) >= 2:
+            mean, ci = mean_ci95(diffs)
+            out[method] = {"mean": mean, "ci95": ci, "n": len(diffs)}
+    return out
+
+
 def mean_curves(records: list[dict]) -> dict[str, dict[str, list[float]]]:
     """Mean query loss per adaptation step, per fold and method (over tasks and seeds)."""
     out: dict[str, dict[str, list[float]]] = {}
@@ -493,7 +508,9 @@ def build_report(suite: str, records: list[dict], proto: Protocol, model_path: s
         timing[r["method"]] = timing.get(r["method"], 0.0) + r["meta_train_s"] + r["tune_s"] + r["eval_s"]
         cpu[r["method"]] = cpu.get(r["method"], 0.0) + r["cpu_s"]
     report = {"results": rows, "summary": summary, "targets": check_targets(suite, summary),
-              "paired_vs_multitask": paired_differences(records), "curves": curves,
+              "paired_vs_multitask": paired_differences(records),
+              "paired_extras_vs_multitask": {m: paired_extra_differences(records, m) for m in extra_metrics},
+              "curves": curves,
               "lr_choice": {f"{r['fold']}/{r['method']}": {"lr": r["lr"], "val": r["val_scores"]}
                             for r in records if r["seed"] == 0},
               "timing_s": {k: round(v, 1) for k, v in timing.items()},
