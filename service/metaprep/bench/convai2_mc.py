@@ -163,7 +163,7 @@ def run(args: argparse.Namespace) -> dict:
         raise ConfigError(f"--methods: the encoder scorer runs {', '.join(MC_ALGORITHMS)}, "
                           f"got {','.join(proto.methods)}")
     fold = Fold("convai2", {"family": "persona", "data_dir": str(root)})
-    persona = load_split(make_config("finetune", 0, proto, fold, model_path if not encoder else "tiny"))
+    persona = load_split(make_config("finetune", 0, proto, fold, model_path))
     mc = {t.name: t for t in load_convai2_mc_tasks(TasksConfig(family="convai2_mc"), root)}
     fold.test = [mc[t.name] for t in persona.test]
     fold.val = [mc[t.name] for t in persona.val]

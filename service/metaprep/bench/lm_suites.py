@@ -62,7 +62,7 @@ from metaprep.config import MetaTrainConfig
 from metaprep.errors import ConfigError, DataError
 from metaprep.meta.adapt import adapt
 from metaprep.meta.build import build_meta_model
-from metaprep.meta.mc_scorer import ENCODER_TARGETS
+from metaprep.meta.mc_scorer import ENCODER_TARGETS, MC_ALGORITHMS
 from metaprep.models.base import detect_kind, resolve_path
 from metaprep.tasks.base import Episode, Task, TaskBatch, TaskSplit, fixed_episodes, make_batch
 from metaprep.tasks.families import resolve_data_dir
@@ -131,8 +131,7 @@ def protocol_for(suite: str, model_path: str, quick: bool, seeds: int | None, me
         proto = Protocol(shots=4, query_size=4, seq_len=48, lr_grid=(3e-4, 1e-3, 3e-3), inner_lr=1e-3,
                          meta_batch_size=2, outer_lr=2e-5, rank=8, alpha=8.0, targets=ENCODER_TARGETS,
                          val_tasks=3, test_tasks=12, eval_chunk=12, precision="bf16", threads=2,
-                         methods=("finetune", "multitask", "meta_lora"))
-        small = True  # the protocol above is already sized for this machine
+                         methods=MC_ALGORITHMS)
     elif suite == "summarization":
         proto = Protocol(shots=4, query_size=4, seq_len=128, meta_steps=30, meta_batch_size=2, rank=16, alpha=16.0,
                          val_tasks=4, max_new_tokens=32)
@@ -140,7 +139,7 @@ def protocol_for(suite: str, model_path: str, quick: bool, seeds: int | None, me
         proto = Protocol(seq_len=64, rank=8, alpha=8.0)
     else:  # persona, convai2_mc
         proto = Protocol()
-    if not small:
+    if not small and not encoder:  # the encoder protocol above is already sized for this machine
         # SmolLM2-135M on 2 shared CPU cores (~20 ms CPU per token for forward + backward in fp32):
         # 3 methods, short episodes, few meta-steps, fast weights on attention q/v only.
         proto = replace(proto, shots=4, query_size=4, seq_len=40, adapt_steps=5, meta_steps=12, meta_batch_size=2,
@@ -382,6 +381,18 @@ def aggregate(records: list[dict], proto: Protocol, extra_metrics: tuple[str, ..
     return rows, summary
 
 
+def _paired(values: dict[tuple, float], reference: str) -> dict[str, tuple[float, float, int]]:
+    """``values`` keyed by (method, fold, seed, task): per method, mean and 95 % CI of the difference
+    to ``reference`` on the same (fold, seed, task), and the number of pairs (>= 2)."""
+    out = {}
+    for method in dict.fromkeys(k[0] for k in values):
+        diffs = [values[(method, *k[1:])] - v for k, v in values.items()
+                 if k[0] == reference and method != reference and (method, *k[1:]) in values]
+        if len(diffs) >= 2:
+            out[method] = (*mean_ci95(diffs), len(diffs))
+    return out
+
+
 def paired_differences(records: list[dict], reference: str = "multitask") -> dict[str, dict[str, float]]:
     """Per method: final query loss minus ``reference``'s on the same (fold, seed, task), mean and 95 % CI.
 
@@ -390,38 +401,21 @@ def paired_differences(records: list[dict], reference: str = "multitask") -> dic
     before adaptation (step 0), which separates what meta-training put into the initialisation
     from what the adaptation steps added.
     """
-    final: dict[tuple, tuple[float, float]] = {}
-    for r in records:
-        for i, task in enumerate(r["tasks"]):
-            final[(r["method"], r["fold"], r["seed"], task)] = (r["curve"][-1][i], r["curve"][0][i])
-    out: dict[str, dict[str, float]] = {}
-    for method in dict.fromkeys(r["method"] for r in records):
-        if method == reference:
-            continue
-        pairs = [(final[(method, *k[1:])], v) for k, v in final.items()
-                 if k[0] == reference and (method, *k[1:]) in final]
-        if len(pairs) < 2:
-            continue
-        after = mean_ci95([m[0] - ref[0] for m, ref in pairs])
-        before = mean_ci95([m[1] - ref[1] for m, ref in pairs])
-        out[method] = {"after": after[0], "after_ci95": after[1], "before": before[0], "before_ci95": before[1],
-                       "n": len(pairs)}
-    return out
+    def at(step: int) -> dict[tuple, float]:
+        return {(r["method"], r["fold"], r["seed"], task): r["curve"][step][i]
+                for r in records for i, task in enumerate(r["tasks"])}
+
+    after, before = _paired(at(-1), reference), _paired(at(0), reference)
+    return {m: {"after": a[0], "after_ci95": a[1], "before": before[m][0], "before_ci95": before[m][1], "n": a[2]}
+            for m, a in after.items()}
 
 
 def paired_extra_differences(records: list[dict], metric: str, reference: str = "multitask") -> dict[str, dict]:
     """Per method: a per-task extra metric (e.g. ``accuracy``) minus ``reference``'s on the same
     (fold, seed, task), mean and 95 % CI (positive = higher than the reference)."""
-    value = {(r["method"], r["fold"], r["seed"], task): v
-             for r in records for task, v in zip(r["tasks"], r["extras"].get(metric, []), strict=False)}
-    out: dict[str, dict] = {}
-    for method in dict.fromkeys(r["method"] for r in records):
-        diffs = [value[(method, *k[1:])] - v for k, v in value.items()
-                 if k[0] == reference and method != reference and (method, *k[1:]) in value]
-        if len(diffs) >= 2:
-            mean, ci = mean_ci95(diffs)
-            out[method] = {"mean": mean, "ci95": ci, "n": len(diffs)}
-    return out
+    values = {(r["method"], r["fold"], r["seed"], task): v
+              for r in records for task, v in zip(r["tasks"], r["extras"].get(metric, []), strict=False)}
+    return {m: {"mean": mean, "ci95": ci, "n": n} for m, (mean, ci, n) in _paired(values, reference).items()}
 
 
 def mean_curves(records: list[dict]) -> dict[str, dict[str, list[float]]]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,25 +28,11 @@ NUM_CANDIDATES = 20
 
 
 @dataclass(frozen=True)
-class MCExample:
-    context: str
-    candidates: tuple[str, ...]
-    label: int  # index of the gold reply in candidates
-
-
-@dataclass(frozen=True)
 class ChoiceExample(Example):
     """``Example(context, gold)`` that also carries its candidates; ``candidates[label]`` is the gold."""
 
     candidates: tuple[str, ...] = ()
     label: int = 0
-
-
-@dataclass
-class MCTask:
-    name: str
-    examples: list[MCExample]
-    meta: dict = field(default_factory=dict)
 
 
 def _distractors(gold: str, dialogue_id: str, pool: list[tuple[str, str]], rng: random.Random) -> list[str]:
@@ -70,8 +56,8 @@ def _distractors(gold: str, dialogue_id: str, pool: list[tuple[str, str]], rng: 
     return chosen
 
 
-def load_mc_tasks(path_or_data_dir: str | Path, seed: int = 0) -> list[MCTask]:
-    """MC tasks from a ParlAI file, or a folder holding it directly or under ``convai2/``."""
+def load_mc_tasks(path_or_data_dir: str | Path, seed: int = 0) -> list[Task]:
+    """MC tasks of :class:`ChoiceExample` from a ParlAI file, or a folder holding it directly or in ``convai2/``."""
     file = resolve_parlai_path(path_or_data_dir)
     groups, dialogues = load_parlai_groups(file)
     pool = [(d.id, " " + reply) for d in dialogues for _, reply in d.turns]
@@ -87,9 +73,9 @@ def load_mc_tasks(path_or_data_dir: str | Path, seed: int = 0) -> list[MCTask]:
                                     f"replies in other dialogues (expected a file with more dialogues)")
                 label = rng.randrange(NUM_CANDIDATES)
                 candidates.insert(label, example.target)
-                examples.append(MCExample(example.prompt, tuple(candidates), label))
+                examples.append(ChoiceExample(example.prompt, example.target, tuple(candidates), label))
                 dialogue_of.append(dialogue.id)
-        tasks.append(MCTask(group.name, examples, meta={
+        tasks.append(Task(group.name, examples, meta={
             "family": "convai2_mc", "source": str(file), "cluster": group.cluster, "seed": seed,
             "dialogue_ids": [d.id for d in group.dialogues], "dialogue": dialogue_of}))
     return tasks
@@ -101,8 +87,7 @@ def load_convai2_mc_tasks(cfg: TasksConfig, data_dir: Path | None) -> list[Task]
     if source is None:
         raise ConfigError(f"tasks.path: family 'convai2_mc' needs a ParlAI {PARLAI_FILE} file, "
                           f"or tasks.data_dir (or $METAPREP_DATA_DIR) holding convai2/")
-    return [Task(t.name, [ChoiceExample(e.context, e.candidates[e.label], e.candidates, e.label) for e in t.examples],
-                 meta=t.meta) for t in load_mc_tasks(source)]
+    return load_mc_tasks(source)
 
 
 def _encode_texts(texts: list[str], tokenizer, length: int, keep_end: bool) -> list[list[int]]:
