@@ -1,7 +1,8 @@
-"""Shared CLI plumbing: one-line errors and non-zero exit for user mistakes."""
+"""Shared CLI plumbing: the parser every job starts from, one-line errors and non-zero exit for user mistakes."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -20,6 +21,12 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 from metaprep.errors import MetaprepError  # noqa: E402
 
 EXIT_USER_ERROR = 2
+
+
+def job_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The argument parser of a job: ``--help`` shows every option's default."""
+    return argparse.ArgumentParser(prog=prog, description=description,
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
 
 def run_main(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:

@@ -15,28 +15,28 @@ import os
 import time
 from pathlib import Path
 
-from jobs._cli import run_main, write_summary
+from jobs._cli import job_parser, run_main, write_summary
 from metaprep.bench import SUITES
 from metaprep.bench.report import markdown_table
 from metaprep.errors import ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m jobs.benchmark", description=__doc__.splitlines()[0])
+    p = job_parser("python -m jobs.benchmark", __doc__.splitlines()[0])
     p.add_argument("--suite", required=True, help=f"one of {', '.join(SUITES)}")
     p.add_argument("--out", required=True, help="result JSON path (a .md table is written next to it)")
     p.add_argument("--quick", action="store_true", help="reduced run (tests, smoke checks)")
-    p.add_argument("--seeds", type=int, default=None, help="number of seeds (default: suite's own, >= 3)")
+    p.add_argument("--seeds", type=int, default=None, help="number of seeds; unset: the suite's own (>= 3)")
     p.add_argument("--methods", default=None,
-                   help="LM suites: comma-separated methods to run, including finetune (default: the suite's)")
+                   help="LM suites: comma-separated methods to run, including finetune; unset: the suite's")
     p.add_argument("--meta-steps", type=int, default=None,
-                   help="LM suites: meta-training steps of every method (default: the suite's)")
-    p.add_argument("--data-dir", default=None, help="shared data root (env METAPREP_DATA_DIR)")
-    p.add_argument("--model-path", default=None, help="base model path (see model.path)")
+                   help="LM suites: meta-training steps of every method; unset: the suite's")
+    p.add_argument("--data-dir", default=None, help="shared data root; unset: $METAPREP_DATA_DIR, ../shared/data")
+    p.add_argument("--model-path", default=None, help="base model path (see model.path); unset: the suite's")
     p.add_argument("--mc-scorer", default=None,
                    help="convai2_mc: encoder (a sentence encoder scores context/candidate pairs; all-MiniLM-L6-v2 "
-                        "unless --model-path), lm (the adapted causal LM ranks by likelihood) or auto (default: "
-                        "follows --model-path)")
+                        "unless --model-path), lm (the adapted causal LM ranks by likelihood) or auto; unset: auto "
+                        "(follows --model-path)")
     p.add_argument("--persona-test-csv", default=None, help="Synthetic-Persona-Chat CSV as the persona test set")
     p.add_argument("--domains-dir", default=None, help="folder of <domain>.jsonl (multidomain)")
     p.add_argument("--test-domains", default=None, help="comma-separated held-out domains (multidomain)")
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.meta_steps is not None and args.meta_steps < 1:
         raise ConfigError(f"--meta-steps must be >= 1, got {args.meta_steps}")
     if args.methods is not None:
-        from metaprep.bench.lm_suites import parse_methods
+        from metaprep.bench.protocol import parse_methods
 
         parse_methods(args.methods)  # before any data is looked for
     module, func = SUITES[args.suite].split(":")

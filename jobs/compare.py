@@ -3,7 +3,7 @@
 For runs of one suite that differ only in budget (``--meta-steps``) or method list, e.g. MLtD at
 160 meta-steps against multitask at 80 (the same number of outer-loss target tokens: multitask's
 loss reads support and query, MLtD's only query). Pairs the final (and step-0) query loss of each
-(fold, seed, test task), as :func:`metaprep.bench.lm_suites.paired_differences` does within one
+(fold, seed, test task), as :func:`metaprep.bench.lm_report.paired_differences` does within one
 run; negative = A better than B. Refuses runs whose protocols differ in anything else.
 """
 
@@ -13,8 +13,8 @@ import argparse
 import json
 from pathlib import Path
 
-from jobs._cli import run_main
-from metaprep.bench.lm_suites import paired_differences
+from jobs._cli import job_parser, run_main
+from metaprep.bench.lm_report import paired_differences
 from metaprep.errors import ConfigError
 
 MAY_DIFFER = ("meta_steps", "methods", "quick")
@@ -68,11 +68,15 @@ def markdown_row(out: dict, name=lambda side: f"{side['method']} @ {side['meta_s
             f"{out['before']:+.4f} ± {out['before_ci95']:.4f} | {out['n']} |")
 
 
+def build_parser() -> argparse.ArgumentParser:
+    p = job_parser("python -m jobs.compare", __doc__.splitlines()[0])
+    p.add_argument("a", metavar="A.json:METHOD", help="run A: a jobs.benchmark result JSON and one of its methods")
+    p.add_argument("b", metavar="B.json:METHOD", help="run B, the reference (negative = A better than B)")
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jobs.compare", description=__doc__.splitlines()[0])
-    p.add_argument("a", metavar="A.json:METHOD")
-    p.add_argument("b", metavar="B.json:METHOD")
-    args = p.parse_args(argv)
+    args = build_parser().parse_args(argv)
     out = compare(args.a, args.b)
     print(HEADER)
     print(markdown_row(out))

@@ -8,9 +8,12 @@ across runs, computed here by :func:`jobs.compare.compare`.
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from pathlib import Path
+
+from jobs._cli import job_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
@@ -43,7 +46,7 @@ def paired(report: dict) -> str:
     """LM suites: query loss minus multitask's on the same task and seed (computed from the stored runs)."""
     if not isinstance(report.get("runs"), list) or not report["runs"] or "curve" not in report["runs"][0]:
         return ""
-    from metaprep.bench.lm_suites import paired_differences
+    from metaprep.bench.lm_report import paired_differences
 
     diffs = report.get("paired_vs_multitask") or paired_differences(report["runs"])
     if not diffs:
@@ -59,7 +62,7 @@ def paired(report: dict) -> str:
 
 def paired_extras(runs: list[dict]) -> str:
     """The suite's per-task extra metrics (accuracy, ROUGE) minus multitask's, from the stored runs."""
-    from metaprep.bench.lm_suites import paired_extra_differences
+    from metaprep.bench.lm_report import paired_extra_differences
 
     metrics = list(dict.fromkeys(m for r in runs for m in (r.get("extras") or {})))
     tables = {m: paired_extra_differences(runs, m) for m in metrics}
@@ -120,7 +123,12 @@ def section() -> str:
     return "\n".join(parts) + (f"\n{extra}" if extra else "")
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    return job_parser("python -m jobs.readme_results", __doc__.splitlines()[0])
+
+
+def main(argv: list[str] | None = None) -> None:
+    build_parser().parse_args(argv)
     readme = ROOT / "README.md"
     text = readme.read_text()
     if BEGIN not in text:

@@ -24,23 +24,23 @@ import sys
 import tempfile
 from pathlib import Path
 
-from jobs._cli import run_main, write_summary
+from jobs._cli import job_parser, run_main, write_summary
 from metaprep.errors import ConfigError, DataError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m jobs.recommend", description=__doc__.splitlines()[0])
+    p = job_parser("python -m jobs.recommend", __doc__.splitlines()[0])
     p.add_argument("--train-meta", default=None, help="meta-dataset to fit the surrogate on")
     p.add_argument("--meta-features", required=True, help="JSON object (inline or a file) of meta-features")
     p.add_argument("--candidates", default=None, help="JSON list / JSONL of candidate configurations")
-    p.add_argument("--top-k", type=int, default=5, help="portfolio size (default 5)")
+    p.add_argument("--top-k", type=int, default=5, help="portfolio size")
     p.add_argument("--cost-aware", action="store_true", help="divide gains by 1 + W x normalised log cost")
-    p.add_argument("--cost-weight", type=float, default=1.0, help="W of --cost-aware (default 1)")
+    p.add_argument("--cost-weight", type=float, default=1.0, help="W of --cost-aware")
     p.add_argument("--surrogate-dir", default=None, help="save the fitted surrogate here (or load from here)")
     p.add_argument("--register", default=None, metavar="NAME", help="register the surrogate in MLflow as NAME")
     p.add_argument("--summary-out", default=None, help="also write the portfolio JSON to this file")
-    p.add_argument("--fit-steps", type=int, default=1500, help="surrogate training steps (default 1500)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fit-steps", type=int, default=1500, help="surrogate training steps")
+    p.add_argument("--seed", type=int, default=0, help="seed of the surrogate fit")
     return p
 
 

@@ -17,18 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from pathlib import Path
 
-from jobs._cli import run_main, write_summary
+from jobs._cli import job_parser, run_main, write_summary
 from metaprep.errors import ConfigError, TrainingDivergedError
 
 
-def state_dir() -> Path:
-    return Path(os.environ.get("METAPREP_STATE_DIR") or Path.home() / ".metaprep")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m jobs.sweep", description=__doc__.splitlines()[0])
+    p = job_parser("python -m jobs.sweep", __doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="YAML recipe, optionally with a sweep: section")
     p.add_argument("--num-samples", type=int, help="trials in total (overrides sweep.num_samples)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -41,13 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.num_samples is not None and args.num_samples < 1:
         raise ConfigError(f"--num-samples: must be >= 1, got {args.num_samples}")
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    # MLflow's telemetry thread edits os.environ while Tune's threads make requests (a KeyError race)
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    from metaprep.tune.sweep import load_sweep_recipe, run_sweep
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")  # Train-in-Tune; read when Ray Train is imported
+    from metaprep.tune.sweep import sweep_recipe
 
-    cfg, base, spec = load_sweep_recipe(args.config, args.overrides, args.num_samples)
-    summary = run_sweep(cfg, base, spec, state_dir())
+    summary = sweep_recipe(args.config, args.overrides, args.num_samples)
     write_summary(args.summary_out, summary)
     if summary["best_config"] is None:
         raise TrainingDivergedError(
@@ -55,8 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{summary['metric']} ({summary['n_diverged']} diverged, {summary['n_errored']} "
             f"failed, {summary['n_early_stopped']} stopped early); lower the learning-rate ranges. "
             f"Nothing was registered.")
-    shown = {k: v for k, v in summary.items() if k != "trials"}
-    print(json.dumps(shown, indent=1, default=str))
+    print(json.dumps({k: v for k, v in summary.items() if k != "trials"}, indent=1, default=str))
     return 0
 
 

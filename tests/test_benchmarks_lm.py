@@ -12,19 +12,21 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from metaprep.bench.lm_suites import (
-    Protocol,
+from metaprep.bench.lm_report import (
     aggregate,
     check_targets,
     paired_differences,
+    paired_extra_differences,
     per_task_steps,
-    shard,
     steps_to_match,
 )
+from metaprep.bench.lm_suites import shard
+from metaprep.bench.protocol import RECIPES, Protocol, load_protocol, protocol_for
 from metaprep.errors import ConfigError
 from metaprep.tasks.base import Example, Task
 
@@ -69,7 +71,7 @@ def test_per_task_steps_against_finetune_of_same_seed_and_task():
     assert steps[0] == [2, 2]  # finetune reaches its own final loss at the last step
     assert steps[1] == [1, 3]  # task 2 never reaches 4.0 within 2 steps: censored at 3
     assert steps[3] == [0, 0]
-    proto = Protocol(methods=("finetune", "mltd"), adapt_steps=2)
+    proto = replace(load_protocol(RECIPES / "persona.yaml"), methods=("finetune", "mltd"), adapt_steps=2)
     rows, summary = aggregate(records, proto)
     assert summary["mltd"]["steps_to_match"] == pytest.approx((1 + 3 + 0 + 0) / 4)
     assert summary["finetune"]["perplexity"] == pytest.approx(
@@ -133,8 +135,6 @@ def test_quick_suite_runs_and_reports_finite_rows(suite, extra, tmp_path):
 
 
 def test_paired_extra_metric_differences_pair_by_seed_and_task():
-    from metaprep.bench.lm_suites import paired_extra_differences
-
     def run(method, seed, acc):
         return {"method": method, "fold": "f", "seed": seed, "tasks": ["a", "b"], "extras": {"accuracy": acc}}
 
@@ -148,14 +148,114 @@ def test_paired_extra_metric_differences_pair_by_seed_and_task():
 
 
 def test_methods_and_meta_steps_override_the_suite_protocol(monkeypatch):
-    from metaprep.bench.lm_suites import protocol_for
-
     monkeypatch.setenv("METAPREP_BENCH_METHODS", "finetune,maml")
     default = protocol_for("persona", "any-model", quick=False, seeds=None)
     assert default.methods == ("finetune", "maml") and default.meta_steps != 160
     longer = protocol_for("persona", "any-model", quick=False, seeds=None, methods="finetune, multitask,mltd",
                           meta_steps=160)
     assert longer.methods == ("finetune", "multitask", "mltd") and longer.meta_steps == 160
+
+
+# protocol_for of every (suite, model, quick, encoder) as computed by the Python constants the recipes
+# replaced (commit 34a751d); a row lists the fields that differ from PERSONA (persona on stories260K)
+PERSONA = dict(shots=8, query_size=8, seq_len=48, adapt_steps=10, lr_grid=(1e-3, 3e-3, 1e-2), inner_lr=1e-2,
+               inner_steps=1, meta_steps=40, meta_batch_size=4, outer_lr=1e-3, rank=4, alpha=4.0,
+               tarp_kind="tarp_bilinear", targets=(), val_tasks=4, test_tasks=0, eval_chunk=16, seeds=3,
+               methods=("finetune", "multitask", "fomaml", "maml", "reptile", "meta_lora", "mltd_tarp", "mltd"),
+               precision="fp32", threads=1, max_new_tokens=0, shard_size=24, max_shards=40, test_shards=4)
+QUICK = dict(shots=2, query_size=2, seq_len=32, adapt_steps=2, lr_grid=(3e-3, 1e-2), meta_steps=2, meta_batch_size=2,
+             val_tasks=2, test_tasks=3, seeds=1, methods=("finetune", "mltd"), shard_size=8, max_shards=4,
+             test_shards=2)
+PROTOCOLS = [  # (suite, model, quick, encoder, fields that differ from PERSONA)
+    ("persona", "llama2c", False, False, {}),
+    ("persona", "llama2c", True, False, QUICK),
+    ("persona", "other", False, False, dict(
+        shots=4, query_size=4, seq_len=40, adapt_steps=5, lr_grid=(1e-3, 3e-3), inner_lr=3e-3, meta_steps=12,
+        meta_batch_size=2, outer_lr=1e-4, targets=("q_proj", "v_proj"), val_tasks=3, test_tasks=6, eval_chunk=3,
+        methods=("finetune", "multitask", "mltd"))),
+    ("persona", "other", True, False, dict(
+        QUICK, inner_lr=3e-3, outer_lr=1e-4, targets=("q_proj", "v_proj"), eval_chunk=3)),
+    ("multidomain", "llama2c", False, False, dict(seq_len=64, rank=8, alpha=8.0)),
+    ("multidomain", "llama2c", True, False, dict(QUICK, rank=8, alpha=8.0)),
+    ("multidomain", "other", False, False, dict(
+        shots=4, query_size=4, seq_len=40, adapt_steps=5, lr_grid=(1e-3, 3e-3), inner_lr=3e-3, meta_steps=12,
+        meta_batch_size=2, outer_lr=1e-4, rank=8, alpha=8.0, targets=("q_proj", "v_proj"), val_tasks=3,
+        test_tasks=6, eval_chunk=3, methods=("finetune", "multitask", "mltd"))),
+    ("multidomain", "other", True, False, dict(
+        QUICK, inner_lr=3e-3, outer_lr=1e-4, rank=8, alpha=8.0, targets=("q_proj", "v_proj"), eval_chunk=3)),
+    ("summarization", "llama2c", False, False, dict(
+        shots=4, query_size=4, seq_len=128, meta_steps=30, meta_batch_size=2, rank=16, alpha=16.0,
+        max_new_tokens=32)),
+    ("summarization", "llama2c", True, False, dict(QUICK, seq_len=96, rank=16, alpha=16.0, max_new_tokens=6)),
+    ("summarization", "other", False, False, dict(
+        shots=4, query_size=4, seq_len=40, adapt_steps=5, lr_grid=(1e-3, 3e-3), inner_lr=3e-3, meta_steps=12,
+        meta_batch_size=2, outer_lr=1e-4, rank=16, alpha=16.0, targets=("q_proj", "v_proj"), val_tasks=3,
+        test_tasks=6, eval_chunk=3, methods=("finetune", "multitask", "mltd"), max_new_tokens=32)),
+    ("summarization", "other", True, False, dict(
+        QUICK, seq_len=96, inner_lr=3e-3, outer_lr=1e-4, rank=16, alpha=16.0, targets=("q_proj", "v_proj"),
+        eval_chunk=3, max_new_tokens=6)),
+    ("convai2_mc", "llama2c", False, False, {}),
+    ("convai2_mc", "llama2c", True, False, QUICK),
+    ("convai2_mc", "other", False, False, dict(
+        shots=4, query_size=4, seq_len=40, adapt_steps=5, lr_grid=(1e-3, 3e-3), inner_lr=3e-3, meta_steps=12,
+        meta_batch_size=2, outer_lr=1e-4, targets=("q_proj", "v_proj"), val_tasks=3, test_tasks=6, eval_chunk=3,
+        methods=("finetune", "multitask", "mltd"))),
+    ("convai2_mc", "other", True, False, dict(
+        QUICK, inner_lr=3e-3, outer_lr=1e-4, targets=("q_proj", "v_proj"), eval_chunk=3)),
+    *[("convai2_mc", model, False, True, dict(
+        shots=4, query_size=4, lr_grid=(3e-4, 1e-3, 3e-3), inner_lr=1e-3, meta_batch_size=2, outer_lr=2e-5, rank=8,
+        alpha=8.0, targets=("query", "value"), val_tasks=3, test_tasks=12, eval_chunk=12,
+        methods=("finetune", "multitask", "meta_lora"), precision="bf16", threads=2))
+      for model in ("llama2c", "other")],
+    *[("convai2_mc", model, True, True, dict(
+        QUICK, inner_lr=1e-3, outer_lr=2e-5, rank=8, alpha=8.0, targets=("query", "value"), eval_chunk=12,
+        methods=("finetune", "meta_lora"), precision="bf16", threads=2))
+      for model in ("llama2c", "other")],
+]
+
+
+@pytest.mark.parametrize("suite,model,quick,encoder,differ", PROTOCOLS,
+                         ids=[f"{s}-{m}{'-quick' * q}{'-encoder' * e}" for s, m, q, e, _ in PROTOCOLS])
+def test_recipes_give_the_protocols_of_the_former_constants(suite, model, quick, encoder, differ, tmp_path,
+                                                            monkeypatch):
+    monkeypatch.delenv("METAPREP_BENCH_METHODS", raising=False)
+    path = tmp_path / "stories260K.bin"  # a llama2.c checkpoint by its suffix; "other": not a model at all
+    path.touch()
+    got = protocol_for(suite, str(path) if model == "llama2c" else "any-model", quick=quick, seeds=None,
+                       encoder=encoder)
+    assert got == Protocol(**{**PERSONA, **differ})
+
+
+def _recipe(tmp_path: Path, edit) -> Path:
+    text = (RECIPES / "persona.yaml").read_text()
+    out = tmp_path / "r.yaml"
+    out.write_text(edit(text))
+    return out
+
+
+@pytest.mark.parametrize("edit,quick,needle", [
+    (lambda t: t.replace("  shots: 8", "  shotz: 8"), False, r"r\.yaml:\d+: unknown key 'protocol.shotz'"),
+    (lambda t: t.replace("  shots: 8\n", ""), False, r"r\.yaml:\d+: protocol: missing shots"),
+    (lambda t: t.replace("  seq_len: 32", "  seq_len: long"), True, r"r\.yaml:\d+: seq_len: expected int, got 'long'"),
+    (lambda t: t.replace("  meta_steps: 40", "  meta_steps: 0"), False, r"r\.yaml:\d+: meta_steps: must be >= 1"),
+    (lambda t: t.replace("[finetune, mltd]", "[finetune, mltdd]"), True,
+     r"r\.yaml:\d+: methods: must be registered algorithms \(.*\) including finetune"),
+    (lambda t: t.replace("  methods: [finetune, multitask, mltd]", "  methods: [mltd]"), False, None),
+    (lambda t: t.replace("tarp_kind: tarp_bilinear", "tarp_kind: lora"), False, r"tarp_kind: must be a TARP kind"),
+    (lambda t: t.replace("quick:", "quik:"), False, r"r\.yaml:\d+: unknown section 'quik'"),
+])
+def test_bad_bench_recipe_is_one_line_with_file_and_line(tmp_path, edit, quick, needle):
+    path = _recipe(tmp_path, edit)
+    if needle is None:  # an error in large_model shows when that section applies
+        load_protocol(path)
+        with pytest.raises(ConfigError, match=r"r\.yaml:\d+: methods: .* including finetune"):
+            load_protocol(path, large_model=True)
+        return
+    with pytest.raises(ConfigError, match=needle) as err:
+        load_protocol(path, quick=quick)
+    assert "\n" not in str(err.value)
+    lineno = int(str(err.value).split(":")[1])
+    assert path.read_text().splitlines()[lineno - 1].strip()  # the line named is a line of the recipe
 
 
 def test_compare_pairs_two_runs_and_refuses_different_protocols(tmp_path):

@@ -12,6 +12,7 @@ from metaprep.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "jobs" / "configs").glob("*.yaml"))
+BENCH_RECIPES = sorted((ROOT / "jobs" / "configs" / "bench").glob("*.yaml"))
 
 
 def _strip_sweep(path: Path, tmp_path: Path) -> Path:
@@ -26,6 +27,18 @@ def _strip_sweep(path: Path, tmp_path: Path) -> Path:
 def test_every_recipe_loads(path: Path, tmp_path: Path) -> None:
     cfg = load_config(MetaTrainConfig, _strip_sweep(path, tmp_path))
     assert cfg.algorithm and cfg.registry.name
+
+
+@pytest.mark.parametrize("path", BENCH_RECIPES, ids=[p.name for p in BENCH_RECIPES])
+def test_every_bench_recipe_loads(path: Path) -> None:
+    """Each benchmark protocol recipe, with and without its large_model and quick sections."""
+    from metaprep.bench.protocol import ENCODER_RECIPE, SUITE_RECIPES, load_protocol
+
+    assert {*SUITE_RECIPES.values(), ENCODER_RECIPE} <= {p.name for p in BENCH_RECIPES}
+    for large_model in (False, True):
+        for quick in (False, True):
+            proto = load_protocol(path, large_model=large_model, quick=quick)
+            assert "finetune" in proto.methods and (proto.seeds == 1) is quick
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -61,19 +74,6 @@ def test_set_overrides_parse_yaml_scalars(tmp_path) -> None:
     cfg = load_config(MetaTrainConfig, _write(tmp_path, "meta:\n  inner_lr: 0.1\n"),
                       ["meta.inner_lr=5e-2", "meta.freeze_base=true", "reparam.targets=[q_proj]"])
     assert cfg.meta.inner_lr == 0.05 and cfg.meta.freeze_base is True and cfg.reparam.targets == ["q_proj"]
-
-
-@pytest.mark.parametrize("flag", [False, True])
-def test_config_and_algorithm_agree_on_the_order(flag: bool) -> None:
-    """``cfg.second_order`` (config-time warnings) and ``algorithm.first_order`` (ZeRO-3 hold) never disagree."""
-    from metaprep.config import ALGORITHMS
-    from metaprep.meta.algorithm import get_algorithm
-
-    for name in ALGORITHMS:
-        cfg = load_config(MetaTrainConfig, ROOT / "jobs/configs/tiny.yaml",
-                          [f"algorithm={name}", f"meta.second_order={str(flag).lower()}",
-                           f"reparam.kind={'tarp_kronecker' if name.startswith('mltd') else 'lora'}"])
-        assert get_algorithm(name, second_order=cfg.meta.second_order).first_order is not cfg.second_order, name
 
 
 def test_second_order_through_adam_is_flagged() -> None:

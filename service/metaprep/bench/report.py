@@ -29,6 +29,10 @@ def mean_ci95(values: list[float]) -> tuple[float, float]:
     return mean, t95(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
 
 
+def mean_or_nan(values: list[float]) -> float:
+    return statistics.fmean(values) if values else float("nan")
+
+
 def result(method: str, metric: str, values: list[float], **setting: Any) -> dict:
     """One row of the ``results`` list: mean, ci95 and n over tasks x seeds."""
     mean, ci = mean_ci95(values)

@@ -1,37 +1,69 @@
-"""Assemble a MetaModel for a config: base model, wrappers, algorithm, trainable parameter set."""
+"""Assemble what a config trains: the MetaModel for its task family and the algorithm that meta-trains it.
+
+:func:`build_meta_model` loads the base (a causal LM, or the sentence encoder of the ``convai2_mc``
+family), wraps it and sets which parameters the algorithm trains; :func:`build_learner` pairs the
+model with its algorithm in the one module handed to DeepSpeed.
+"""
 
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from metaprep.config import MetaTrainConfig
-from metaprep.meta.algorithm import get_algorithm
-from metaprep.meta.meta_lora import AdapterTable
+from metaprep.meta.algorithm import ALGORITHMS, MetaAlgorithm
+from metaprep.meta.mc_scorer import MCScorer
 from metaprep.meta.model import MetaModel
-from metaprep.models.base import LoadedModel, load_base_model
+from metaprep.models.base import LoadedModel, load_base_model, resolve_path
+from metaprep.tasks.base import TaskBatch
+from metaprep.tasks.families import ENCODER_FAMILIES
 
 
-def build_meta_model(cfg: MetaTrainConfig, loaded: LoadedModel | None = None, num_train_tasks: int = 0,
-                     model_cls: type[MetaModel] = MetaModel) -> tuple[MetaModel, LoadedModel]:
-    """Load (or take) the base model and wrap it for ``cfg.algorithm`` as a ``model_cls``.
+class MetaLearner(nn.Module):
+    """The module DeepSpeed wraps: a :class:`MetaModel` and the algorithm that meta-trains it.
+
+    ``forward`` returns the per-task meta-losses (T,) of this worker's tasks and scalar metrics, so
+    one ``engine(...)`` call per meta-step runs under every ZeRO stage.
+    """
+
+    def __init__(self, model: MetaModel, algorithm: MetaAlgorithm) -> None:
+        super().__init__()
+        self.model = model
+        self.algorithm = algorithm
+
+    def forward(self, support: TaskBatch, query: TaskBatch, step: int) -> tuple[torch.Tensor, dict]:
+        return self.algorithm.meta_loss(self.model, support, query, step)
+
+
+def load_for_family(cfg: MetaTrainConfig) -> LoadedModel:
+    """The base the family needs: the sentence encoder for ``convai2_mc``, else the causal LM of ``model``."""
+    if cfg.tasks.family in ENCODER_FAMILIES:
+        from metaprep.models.hf import load_encoder
+
+        path = resolve_path(cfg.model.path)
+        encoder, tokenizer = load_encoder(path)
+        return LoadedModel(encoder, tokenizer, "hf", str(path))
+    return load_base_model(cfg.model, seed=cfg.seed)
+
+
+def build_meta_model(cfg: MetaTrainConfig, loaded: LoadedModel | None = None) -> tuple[MetaModel, LoadedModel]:
+    """Load (or take) the base model and wrap it for ``cfg.algorithm``.
 
     Trainable parameters follow the algorithm: the base unless ``meta.freeze_base`` (and never for
     ``finetune``); the fast-weight init only for algorithms that meta-learn it; the controller for
     ``mltd``. Dropout is disabled so 1 worker and N workers compute the same meta-gradient.
     """
-    loaded = loaded or load_base_model(cfg.model, seed=cfg.seed)
-    algorithm = get_algorithm(cfg.algorithm, second_order=cfg.meta.second_order)
-    if not algorithm.first_order:
+    spec = ALGORITHMS[cfg.algorithm]
+    loaded = loaded or load_for_family(cfg)
+    if spec.uses_second_order(cfg.meta.second_order):
         # CPU flash-SDPA has no double backward; eager attention is differentiable twice.
         loaded.model.set_attn_implementation("eager")
-    model = model_cls(loaded.model, cfg, uses_tams=algorithm.uses_tams)
-    model.algorithm = algorithm
-    if cfg.algorithm == "meta_lora":
-        model.adapters = AdapterTable(model.fast_init, max(num_train_tasks, 1), seed=cfg.seed + 3)
+    model_cls = MCScorer if cfg.tasks.family in ENCODER_FAMILIES else MetaModel
+    model = model_cls(loaded.model, cfg.reparam, cfg.search if spec.uses_tams else None, seed=cfg.seed)
     for p in model.lm.parameters():
-        p.requires_grad_(algorithm.meta_trains and not cfg.meta.freeze_base)
+        p.requires_grad_(spec.meta_trains and not cfg.meta.freeze_base)
     for p in model.fast_init.parameters():
-        p.requires_grad_(algorithm.trains_fast_init)
+        p.requires_grad_(spec.trains_fast_init)
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
@@ -40,5 +72,10 @@ def build_meta_model(cfg: MetaTrainConfig, loaded: LoadedModel | None = None, nu
     return model, loaded
 
 
-def trainable_parameters(model: MetaModel) -> list[torch.nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
+def build_learner(cfg: MetaTrainConfig, model: MetaModel, num_train_tasks: int = 0) -> MetaLearner:
+    """Pair ``model`` with ``cfg.algorithm`` (Meta-LoRA keeps one adapter per meta-training task)."""
+    return MetaLearner(model, ALGORITHMS[cfg.algorithm].from_config(cfg, model, num_train_tasks))
+
+
+def trainable_parameters(module: nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]

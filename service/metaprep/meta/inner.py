@@ -10,14 +10,24 @@ support losses w.r.t. task t's slice is exactly task t's own gradient. With
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from metaprep.reparam.context import FastWeights
+from metaprep.search.controller import TauSchedule
 from metaprep.tasks.base import TaskBatch
 
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
-SLOW_PREFIX = "slow_"  # fast-weight factors read per task but only meta-learned (TAMS projections)
+
+
+@dataclass(frozen=True)
+class InnerLoopSpec:
+    """The inner loop's settings (``meta.inner_*``), handed to an algorithm explicitly."""
+
+    steps: int
+    lr: float
+    optimizer: str = "sgd"
 
 
 def flatten_fast(fast: FastWeights) -> tuple[list[tuple[str, str]], list[torch.Tensor]]:
@@ -42,10 +52,11 @@ def inner_loop(model, support: TaskBatch, fast: FastWeights, arch: torch.Tensor 
                on_step: Callable[[FastWeights], None] | None = None) -> tuple[FastWeights, list[torch.Tensor]]:
     """``steps`` updates of ``fast`` on ``support``; returns the adapted weights and per-step losses (T,).
 
-    ``on_step`` sees the weights after every update (adaptation curves).
+    ``on_step`` sees the weights after every update (adaptation curves). Factors the model declares
+    meta-only (``model.fast_init.meta_only``, e.g. TAMS projections) are read but not updated.
     """
     keys, params = flatten_fast(fast)
-    slow = {i for i, (_, f) in enumerate(keys) if f.startswith(SLOW_PREFIX)}
+    slow = {i for i, key in enumerate(keys) if key in model.fast_init.meta_only}
     moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params] if optimizer == "adam" else None
     losses = []
     for step in range(1, steps + 1):
@@ -71,3 +82,19 @@ def inner_loop(model, support: TaskBatch, fast: FastWeights, arch: torch.Tensor 
         if on_step is not None:
             on_step(unflatten_fast(keys, params))
     return unflatten_fast(keys, params), losses
+
+
+def adapt_then_query(model, support: TaskBatch, query: TaskBatch, step: int, inner: InnerLoopSpec,
+                     tau: TauSchedule, create_graph: bool) -> tuple[torch.Tensor, dict]:
+    """The MAML-family episode (MAML, FOMAML, MLtD): architecture, inner loop on support, loss on query.
+
+    ``create_graph`` keeps the inner updates differentiable (second order, Finn et al. 2017 eq. 1).
+    """
+    t = tau.at(step)
+    arch = model.architecture(support, tau=t, sample=True)
+    fast = model.fast_init(support.num_tasks)
+    fast, support_losses = inner_loop(model, support, fast, arch, inner.steps, inner.lr, inner.optimizer,
+                                      create_graph=create_graph)
+    query_losses = model.task_losses(query, fast, arch)
+    return query_losses, {"support_loss_before": float(support_losses[0].mean()),
+                          "query_loss": float(query_losses.detach().mean()), "tau": t}

@@ -9,7 +9,9 @@ entropy of the gold candidate, averaged over a task's examples.
 
 :class:`MCScorer` is a :class:`~metaprep.meta.model.MetaModel` whose ``lm`` is the encoder, so the
 LoRA fast weights, the meta-learned init and every first-order algorithm (``finetune``,
-``multitask`` = standard retraining, ``meta_lora``) run unchanged; only :meth:`task_losses` differs.
+``multitask`` = standard retraining, ``meta_lora``: the algorithms registered with ``encoder_ok``)
+run unchanged; only :meth:`task_losses` differs. :func:`metaprep.meta.build.build_meta_model`
+builds it for the ``convai2_mc`` task family.
 
 Batches (:func:`metaprep.tasks.convai2_mc.make_mc_batch`) reuse :class:`TaskBatch` with one more
 axis: ``input_ids``/``attention_mask`` are (T, n, 1 + C, L) (the context, then the C candidates)
@@ -21,16 +23,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from metaprep.config import MetaTrainConfig
-from metaprep.errors import ConfigError
-from metaprep.meta.build import build_meta_model
 from metaprep.meta.model import MetaModel
-from metaprep.models.base import LoadedModel
 from metaprep.reparam.context import FastWeights
 from metaprep.tasks.base import TaskBatch
 
 SCALE = 20.0  # cosine-similarity scale (temperature 0.05), sentence-transformers MultipleNegativesRankingLoss
-MC_ALGORITHMS = ("finetune", "multitask", "meta_lora")  # first-order methods without a TAMS controller
 ENCODER_TARGETS = ("query", "value")  # LoRA on attention q/v, as in the paper's RoBERTa experiment
 
 
@@ -52,17 +49,13 @@ class MCScorer(MetaModel):
                          fast, t).view(t, n, s, -1)
         return SCALE * torch.einsum("tnd,tncd->tnc", emb[:, :, 0], emb[:, :, 1:])
 
+    def accuracy(self, batch: TaskBatch, fast: FastWeights | None) -> torch.Tensor:
+        """Per task (T,): fraction of examples whose gold candidate scores highest."""
+        return (self.scores(batch, fast).argmax(-1) == batch.labels).float().mean(1)
+
     def task_losses(self, batch: TaskBatch, fast: FastWeights | None, arch: torch.Tensor | None = None,
                     ) -> torch.Tensor:
         """Mean 20-way cross entropy of the gold candidate, per task: shape (T,)."""
         logits = self.scores(batch, fast)
         t, n, c = logits.shape
         return F.cross_entropy(logits.reshape(t * n, c), batch.labels.reshape(-1), reduction="none").view(t, n).mean(1)
-
-
-def build_mc_scorer(cfg: MetaTrainConfig, loaded: LoadedModel, num_train_tasks: int = 0) -> MCScorer:
-    """Wrap the encoder of ``loaded`` for ``cfg.algorithm`` (one of :data:`MC_ALGORITHMS`)."""
-    if cfg.algorithm not in MC_ALGORITHMS:
-        raise ConfigError(f"algorithm: the MC scorer supports {', '.join(MC_ALGORITHMS)}, got {cfg.algorithm!r}")
-    model, _ = build_meta_model(cfg, loaded, num_train_tasks, model_cls=MCScorer)
-    return model

@@ -1,9 +1,9 @@
 """MetaModel: a base causal LM with wrapped layers, the fast-weight init and the TAMS controller.
 
-It is the single ``nn.Module`` handed to DeepSpeed: the base weights, the TARP/LoRA meta-init,
-the TAMS op-weight init and the controller are its parameters; fast weights are tensors passed
-in through :class:`FastContext`. ``forward`` computes the meta-loss of the configured algorithm
-so that one ``engine(...)`` call per meta-step runs under every ZeRO stage.
+The base weights, the TARP/LoRA meta-init, the TAMS op-weight init and the controller are its
+parameters; fast weights are tensors passed in through :class:`FastContext`. It knows nothing of
+the algorithm that trains it (:class:`~metaprep.meta.build.MetaLearner` pairs the two for DeepSpeed)
+nor of the inner-loop settings, which the caller passes explicitly.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metaprep.config import MetaTrainConfig
+from metaprep.config import ReparamConfig, SearchConfig
 from metaprep.reparam.context import FastContext, FastWeights
 from metaprep.reparam.wrap import FastWeightInit, wrap_dense_layers
-from metaprep.search.cell import TAMSCell, cell_shapes, init_cell_weight, num_edges
+from metaprep.search.cell import PROJECTIONS, TAMSCell, cell_shapes, init_cell_weight, num_edges
 from metaprep.search.controller import ArchController
 from metaprep.tasks.base import TaskBatch
 
@@ -26,29 +26,37 @@ def ffn_modules(lm: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 class MetaModel(nn.Module):
-    def __init__(self, lm: nn.Module, cfg: MetaTrainConfig, uses_tams: bool) -> None:
+    """``lm`` with its dense layers wrapped for ``reparam`` and, when ``search`` is given, TAMS cells.
+
+    ``seed`` fixes the initialisation of the fast-weight init (seed + 1) and of the TAMS op weights
+    (seed + 2).
+    """
+
+    def __init__(self, lm: nn.Module, reparam: ReparamConfig, search: SearchConfig | None = None,
+                 seed: int = 0) -> None:
         super().__init__()
         self.lm = lm
         self.ctx = FastContext()
-        self.cfg = cfg
         self.fast_init = FastWeightInit()
-        wrappers = wrap_dense_layers(lm, cfg.reparam, self.ctx)
-        self.fast_init.add_reparam(wrappers, seed=cfg.seed + 1)
-        self.uses_tams = uses_tams
+        wrappers = wrap_dense_layers(lm, reparam, self.ctx)
+        self.fast_init.add_reparam(wrappers, seed=seed + 1)
         self.controller: ArchController | None = None
-        self.algorithm = None  # set by build_meta_model; a plain object, not a module
-        if uses_tams:
-            self._add_tams(cfg)
+        if search is not None:
+            self._add_tams(search, seed)
 
-    def _add_tams(self, cfg: MetaTrainConfig) -> None:
-        s = cfg.search
+    @property
+    def uses_tams(self) -> bool:
+        return self.controller is not None
+
+    def _add_tams(self, s: SearchConfig, seed: int) -> None:
         dim = self.lm.get_input_embeddings().weight.shape[1]
-        gen = torch.Generator().manual_seed(cfg.seed + 2)
+        gen = torch.Generator().manual_seed(seed + 2)
         ffns = ffn_modules(self.lm)
         for index, (name, ffn) in enumerate(ffns):
             TAMSCell(f"{name}.tams", index, s.nodes, s.ops, self.ctx).attach(ffn)
             for factor, shape in cell_shapes(dim, s.width, s.nodes, s.ops).items():
-                self.fast_init.add(f"{name}.tams", factor, init_cell_weight(factor, shape, gen))
+                self.fast_init.add(f"{name}.tams", factor, init_cell_weight(factor, shape, gen),
+                                   adapted=factor not in PROJECTIONS)
         self.controller = ArchController(dim, len(ffns), num_edges(s.nodes), s.ops, s.controller_hidden)
 
     # ------------------------------------------------------------------ forward pieces
@@ -80,7 +88,3 @@ class MetaModel(nn.Module):
         if self.controller is None:
             return None
         return self.controller(self.task_embedding(support), tau=tau, sample=sample, noise_seeds=support.noise_seeds)
-
-    def forward(self, support: TaskBatch, query: TaskBatch, step: int) -> tuple[torch.Tensor, dict]:
-        """Per-task meta-losses (T,) of this worker's tasks and scalar metrics."""
-        return self.algorithm.meta_loss(self, support, query, step)

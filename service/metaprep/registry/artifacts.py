@@ -26,10 +26,12 @@ from safetensors.torch import load_file, save_file
 from metaprep import __version__
 from metaprep.config import MetaTrainConfig, from_dict
 from metaprep.errors import RegistryError
+from metaprep.meta.algorithm import ALGORITHMS
 from metaprep.meta.build import build_meta_model
 from metaprep.meta.model import MetaModel
 from metaprep.models.base import LoadedModel
 from metaprep.models.tokenizer import ByteTokenizer, HFTokenizer
+from metaprep.tasks.families import ENCODER_FAMILIES
 
 MANIFEST = "manifest.json"
 
@@ -75,6 +77,9 @@ def save_tokenizer(tokenizer, folder: Path) -> dict:
     if isinstance(tokenizer, HFTokenizer):
         tokenizer.tok.save_pretrained(folder)
         return {"kind": "hf"}
+    if hasattr(tokenizer, "save_pretrained"):  # an encoder family's own transformers tokenizer
+        tokenizer.save_pretrained(folder)
+        return {"kind": "hf_raw"}
     if getattr(tokenizer, "path", None):
         shutil.copy(tokenizer.path, folder / "tokenizer.bin")
         return {"kind": "llama2c", "file": "tokenizer.bin", "vocab_size": tokenizer.vocab_size}
@@ -84,10 +89,11 @@ def save_tokenizer(tokenizer, folder: Path) -> dict:
 def load_tokenizer(spec: dict, folder: Path):
     if spec["kind"] == "byte":
         return ByteTokenizer()
-    if spec["kind"] == "hf":
+    if spec["kind"] in ("hf", "hf_raw"):
         from transformers import AutoTokenizer
 
-        return HFTokenizer(AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False))
+        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+        return HFTokenizer(tok) if spec["kind"] == "hf" else tok
     from metaprep.models.llama2c import Llama2cTokenizer
 
     return Llama2cTokenizer(folder / spec["file"], spec.get("vocab_size"))
@@ -99,7 +105,7 @@ def export_prepared(model: MetaModel, loaded: LoadedModel, cfg: MetaTrainConfig,
     for d in (base, ctrl):
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir(parents=True)
-    frozen = (cfg.meta.freeze_base or not model.algorithm.meta_trains) and loaded.kind != "tiny"
+    frozen = (cfg.meta.freeze_base or not ALGORITHMS[cfg.algorithm].meta_trains) and loaded.kind != "tiny"
     info = {"format": "reference" if frozen else "full", "kind": loaded.kind, "source": loaded.source,
             "metaprep_version": __version__}
     if frozen:
@@ -135,15 +141,17 @@ def load_prepared(base: Path, ctrl: Path) -> tuple[MetaModel, LoadedModel, MetaT
         "tasks": spec.get("tasks", {}),  # the recipe's tasks: adaptation uses its seq_len, --meta-test its split
     }, source=str(ctrl / "spec.json"))
     if info["format"] == "full":
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModel, AutoModelForCausalLM
 
-        lm = AutoModelForCausalLM.from_pretrained(base, local_files_only=True, trust_remote_code=False,
-                                                  dtype=torch.float32)
+        # the sentence-encoder families (convai2_mc) export an encoder, every other family a causal LM
+        auto = AutoModel if cfg.tasks.family in ENCODER_FAMILIES else AutoModelForCausalLM
+        lm = auto.from_pretrained(base, local_files_only=True, trust_remote_code=False, dtype=torch.float32,
+                                  use_safetensors=True)
         loaded = LoadedModel(lm, load_tokenizer(info["tokenizer"], base), info["kind"], info["source"])
     else:
-        from metaprep.models.base import load_base_model
+        from metaprep.meta.build import load_for_family
 
-        loaded = load_base_model(cfg.model, seed=cfg.seed)
+        loaded = load_for_family(cfg)
     model, loaded = build_meta_model(cfg, loaded)
     try:
         model.fast_init.load_state_dict(load_file(ctrl / "fast_init.safetensors"))

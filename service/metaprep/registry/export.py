@@ -1,8 +1,9 @@
 """Export adapted fast weights: a merged transformers model (static kinds) or a PEFT LoRA adapter.
 
-Merging folds ``W = W0 + s (Φ1 ⊙ W0 + Φ2)`` (MLtD eq. 2, residual form) into the base weights;
-only static reparameterisations can be merged (dynamic TARP and TAMS depend on the input).
-A PEFT adapter is exact for ``lora`` (``peft``'s scale ``lora_alpha / r`` equals ours).
+Merging folds ``W = W0 + s (Φ1 ⊙ W0 + Φ2)`` (MLtD eq. 2, residual form) into the base weights with
+each kind's ``dense`` weight; only static kinds can be merged (dynamic TARP and TAMS depend on the
+input). A PEFT adapter is exact for kinds with ``peft_lora`` (``peft``'s scale ``lora_alpha / r``
+equals ours).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from safetensors.torch import save_file
 from metaprep.errors import MetaprepError
 from metaprep.meta.model import MetaModel
 from metaprep.reparam.context import FastWeights
-from metaprep.reparam.layers import ReparamLinear, kronecker_phi
+from metaprep.reparam.kinds import REPARAM_KINDS
+from metaprep.reparam.layers import ReparamLinear
 
 
 def save_fast_weights(fast: FastWeights, path: Path) -> None:
@@ -25,17 +27,12 @@ def save_fast_weights(fast: FastWeights, path: Path) -> None:
 
 
 def _delta(layer: ReparamLinear, f: dict[str, torch.Tensor]) -> torch.Tensor:
-    w0 = layer.w0()
-    if layer.kind == "lora":
-        return f["B"] @ f["A"]
-    if layer.kind == "tarp_bilinear":
-        return (f["U1"] @ f["V1"].T) * w0 + f["U2"] @ f["V2"].T
-    if layer.kind == "tarp_kronecker":
-        one = {k: v.unsqueeze(0) for k, v in f.items()}
-        phi1 = kronecker_phi(one["H1"], one["U1"], one["V1"])[0]
-        return phi1 * w0 + kronecker_phi(one["H2"], one["U2"], one["V2"])[0]
-    raise MetaprepError(f"reparam.kind {layer.kind}: only static kinds (lora, tarp_bilinear, tarp_kronecker) can be "
-                        f"merged into a transformers model")
+    dense = layer.impl.dense(layer.w0(), f)
+    if dense is None:
+        static = ", ".join(k for k, v in REPARAM_KINDS.items() if v.mergeable)
+        raise MetaprepError(f"reparam.kind {layer.kind}: only static kinds ({static}) can be merged into a "
+                            f"transformers model")
+    return dense
 
 
 @torch.no_grad()
@@ -58,8 +55,9 @@ def export_peft(model: MetaModel, fast: FastWeights, task: int, out: Path, base_
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` in PEFT's LoRA layout."""
     wrappers = {n: m for n, m in model.lm.named_modules() if isinstance(m, ReparamLinear)}
     kinds = {m.kind for m in wrappers.values()}
-    if kinds != {"lora"}:
-        raise MetaprepError(f"--export-peft: needs reparam.kind lora, the model uses {', '.join(sorted(kinds))}")
+    if not all(m.impl.peft_lora for m in wrappers.values()):
+        peft = ", ".join(k for k, v in REPARAM_KINDS.items() if v.peft_lora)
+        raise MetaprepError(f"--export-peft: needs reparam.kind {peft}, the model uses {', '.join(sorted(kinds))}")
     any_layer = next(iter(wrappers.values()))
     tensors = {}
     for name in wrappers:

@@ -3,19 +3,18 @@
 ``NAME-base`` and ``NAME-controller`` (DESIGN.md §2): each version points at plain artifact
 folders of the source run (safetensors + JSON), carries lineage tags (method, hyperparameters,
 task family, data fingerprint, meta-val metrics, code version, source run) and gets the alias
-``candidate``. ``champion`` moves only through :func:`promote_if_better`. MLflow stages are
-deprecated and unused.
+``candidate``. ``champion`` moves only through :mod:`metaprep.registry.promotion`. MLflow stages
+are deprecated and unused.
 """
 
 from __future__ import annotations
 
-import json
 import subprocess
 from pathlib import Path
 
 from metaprep import __version__
 from metaprep.config import MetaTrainConfig
-from metaprep.registry.tracking import retry
+from metaprep.registry.client import retry
 
 KINDS = ("base", "controller")
 
@@ -79,33 +78,3 @@ def register_prepared(uri: str, run_id: str, export: Path, cfg: MetaTrainConfig,
         uris[kind] = f"models:/{name}/{version.version}"
         uris[f"{kind}_version"] = str(version.version)
     return uris
-
-
-def promote_if_better(uri: str, registry_name: str, version: str, score: float, metric: str = "meta_val_loss",
-                      lower_is_better: bool = True) -> bool:
-    """Move ``champion`` to ``version`` of both models if it beats the current champion's score.
-
-    Both scores are recorded as version tags (``champion_comparison``) so the decision is auditable.
-    """
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=uri)
-    base = f"{registry_name}-base"
-    current = None
-    try:
-        current = client.get_model_version_by_alias(base, "champion")
-    except MlflowException:
-        current = None
-    current_score = float(current.tags.get(f"score.{metric}", "nan")) if current else float("nan")
-    better = current is None or current_score != current_score or (
-        score < current_score if lower_is_better else score > current_score)
-    record = json.dumps({"metric": metric, "candidate": score, "champion": current_score,
-                         "champion_version": current.version if current else None, "promoted": better})
-    for kind in KINDS:
-        name = f"{registry_name}-{kind}"
-        client.set_model_version_tag(name, version, f"score.{metric}", f"{score:.6g}")
-        client.set_model_version_tag(name, version, "champion_comparison", record)
-        if better:
-            client.set_registered_model_alias(name, "champion", version)
-    return better

@@ -25,10 +25,9 @@ def resolve_artifact(uri: str, tracking: str | None) -> Path:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from metaprep.registry.tracking import check_reachable, tracking_uri
+    from metaprep.registry.tracking import reachable_tracking_uri
 
-    tracking = tracking_uri(tracking)
-    check_reachable(tracking)
+    tracking = reachable_tracking_uri(tracking)
     client = MlflowClient(tracking_uri=tracking)
     try:
         mv = (client.get_model_version_by_alias(m["name"], m["alias"]) if m["alias"]

@@ -16,6 +16,7 @@ import urllib.request
 from pathlib import Path
 
 from metaprep.errors import RegistryError
+from metaprep.registry.client import attempts
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,13 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
         raise RegistryError(f"MLflow tracking server {uri} is unreachable ({reason}); start it with "
                             f"`make up` or set MLFLOW_TRACKING_URI") from None
     raise RegistryError(f"MLflow tracking server {uri} answered /health with an error")
+
+
+def reachable_tracking_uri(configured: str | None = None) -> str:
+    """:func:`tracking_uri`, checked to answer: fail in seconds, before any training."""
+    uri = tracking_uri(configured)
+    check_reachable(uri)
+    return uri
 
 
 class MetricLogger:
@@ -91,29 +99,11 @@ class MetricLogger:
 
     def flush(self, timeout_s: float = 300.0) -> None:
         """Retry until the buffer is empty or ``timeout_s`` passes (then raise)."""
-        deadline = time.monotonic() + timeout_s
-        delay = 1.0
-        while not self._try_send():
-            if time.monotonic() > deadline:
-                raise RegistryError(f"MLflow: {len(self.pending)} metric values could not be logged within "
-                                    f"{timeout_s:.0f} s")
-            time.sleep(delay)
-            delay = min(delay * 2, 15.0)
-
-
-def retry(fn, what: str, timeout_s: float = 300.0):
-    """Call ``fn`` until it succeeds or ``timeout_s`` passes (registry writes after training)."""
-    deadline = time.monotonic() + timeout_s
-    delay = 1.0
-    while True:
-        try:
-            return fn()
-        except Exception as exc:  # noqa: BLE001
-            if isinstance(exc, RegistryError) or time.monotonic() > deadline:
-                raise
-            log.warning("%s failed (%s); retrying in %.0f s", what, exc.__class__.__name__, delay)
-            time.sleep(delay)
-            delay = min(delay * 2, 15.0)
+        for _ in attempts(timeout_s):
+            if self._try_send():
+                return
+        raise RegistryError(f"MLflow: {len(self.pending)} metric values could not be logged within "
+                            f"{timeout_s:.0f} s")
 
 
 def log_benchmark(report: dict, files: list[Path]) -> None:

@@ -8,7 +8,8 @@ from torch import nn
 from metaprep.config import ReparamConfig
 from metaprep.errors import ConfigError
 from metaprep.reparam.context import FastContext, FastWeights
-from metaprep.reparam.layers import ReparamLinear, factor_shapes, init_factor
+from metaprep.reparam.kinds import get_kind
+from metaprep.reparam.layers import ReparamLinear
 
 
 def _is_dense(module: nn.Module) -> bool:
@@ -28,12 +29,9 @@ def wrap_dense_layers(model: nn.Module, cfg: ReparamConfig, ctx: FastContext) ->
     for name, module in chosen:
         c_out, c_in = (module.weight.shape[::-1] if module.__class__.__name__ == "Conv1D"
                        else module.weight.shape)
-        if cfg.rank > min(c_in, c_out):
-            raise ConfigError(f"reparam.rank: must be <= the layer width ({min(c_in, c_out)} at {name}), "
-                              f"got {cfg.rank}")
-        if cfg.kind == "tarp_kronecker" and (c_in % cfg.kronecker_blocks or c_out % cfg.kronecker_blocks):
-            raise ConfigError(f"reparam.kronecker_blocks: {cfg.kronecker_blocks} must divide the widths of "
-                              f"{name} ({c_in} -> {c_out})")
+        problem = get_kind(cfg.kind).check(name, c_in, c_out, cfg.rank, cfg.kronecker_blocks)
+        if problem:
+            raise ConfigError(problem)
         wrapper = ReparamLinear(module, name, cfg.kind, cfg.rank, cfg.alpha, cfg.kronecker_blocks, ctx)
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, wrapper)
@@ -41,7 +39,8 @@ def wrap_dense_layers(model: nn.Module, cfg: ReparamConfig, ctx: FastContext) ->
     return wrappers
 
 
-def _key(layer: str, factor: str) -> str:
+def param_key(layer: str, factor: str) -> str:
+    """The parameter name of one fast-weight init (dots are not allowed in parameter names)."""
     return f"{layer}--{factor}".replace(".", "__")
 
 
@@ -55,31 +54,34 @@ class FastWeightInit(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.layout: dict[str, list[str]] = {}
+        self.meta_only: set[tuple[str, str]] = set()  # (layer, factor) the inner loop does not adapt
 
     @property
     def params(self) -> dict[str, nn.Parameter]:
         return dict(self.named_parameters(recurse=False))
 
-    def add(self, layer: str, factor: str, value: torch.Tensor) -> None:
+    def add(self, layer: str, factor: str, value: torch.Tensor, adapted: bool = True) -> None:
+        """Register the init of one fast weight; ``adapted=False``: read per task but only meta-learned
+        (the inner loop leaves it at its init, e.g. the TAMS cell's projections)."""
         # registered directly on this module (not in a ParameterDict child): ZeRO-3 gathers a
         # module's own parameters for its forward, and a child that never runs forward is never gathered
-        self.register_parameter(_key(layer, factor), nn.Parameter(value))
+        self.register_parameter(param_key(layer, factor), nn.Parameter(value))
         self.layout.setdefault(layer, []).append(factor)
+        if not adapted:
+            self.meta_only.add((layer, factor))
 
     def add_reparam(self, wrappers: dict[str, ReparamLinear], seed: int) -> None:
         gen = torch.Generator().manual_seed(seed)
         for name, w in wrappers.items():
-            for factor, shape in factor_shapes(w.kind, w.c_in, w.c_out, w.rank, w.blocks).items():
-                self.add(name, factor, init_factor(factor, shape, gen))
+            for factor, shape in w.impl.shapes(w.c_in, w.c_out, w.rank, w.blocks).items():
+                self.add(name, factor, w.impl.init(factor, shape, gen))
 
     def forward(self, num_tasks: int) -> FastWeights:
         # repeat (a copy), not expand (a view): ZeRO-3 frees gathered params after this forward
-        params = self.params
-        return {layer: {f: params[_key(layer, f)].unsqueeze(0).repeat(num_tasks, *[1] * params[_key(layer, f)].dim())
-                        for f in factors}
-                for layer, factors in self.layout.items()}
+        return {layer: {f: p.unsqueeze(0).repeat(num_tasks, *[1] * p.dim()) for f, p in fs.items()}
+                for layer, fs in self.single().items()}
 
     def single(self) -> FastWeights:
         """The init without a task dimension (for export)."""
         params = self.params
-        return {layer: {f: params[_key(layer, f)] for f in factors} for layer, factors in self.layout.items()}
+        return {layer: {f: params[param_key(layer, f)] for f in factors} for layer, factors in self.layout.items()}

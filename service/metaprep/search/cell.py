@@ -23,6 +23,7 @@ from torch import nn
 from metaprep.reparam.context import FastContext
 
 CONV_KERNELS = {"conv3": 3, "conv5": 5}
+PROJECTIONS = ("down_in", "down_out", "up")  # meta-learned in the outer loop, not adapted per task
 
 
 def num_edges(nodes: int) -> int:
@@ -31,9 +32,7 @@ def num_edges(nodes: int) -> int:
 
 
 def cell_shapes(dim: int, width: int, nodes: int, ops: list[str]) -> dict[str, tuple[int, ...]]:
-    # projections are meta-learned but not adapted per task (slow_ prefix, see meta.inner)
-    shapes: dict[str, tuple[int, ...]] = {"slow_down_in": (width, dim), "slow_down_out": (width, dim),
-                                          "slow_up": (dim, width)}
+    shapes: dict[str, tuple[int, ...]] = {"down_in": (width, dim), "down_out": (width, dim), "up": (dim, width)}
     for e in range(num_edges(nodes)):
         if "linear" in ops:
             shapes[f"e{e}.linear"] = (width, width)
@@ -46,9 +45,9 @@ def cell_shapes(dim: int, width: int, nodes: int, ops: list[str]) -> dict[str, t
 
 
 def init_cell_weight(name: str, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
-    if name == "slow_up":
+    if name == "up":
         return torch.zeros(shape)
-    fan_in = shape[-1] if name.startswith("slow_down") else shape[-2] * (shape[0] if len(shape) == 3 else 1)
+    fan_in = shape[-1] if name.startswith("down") else shape[-2] * (shape[0] if len(shape) == 3 else 1)
     return torch.randn(shape, generator=generator) / math.sqrt(fan_in)
 
 
@@ -94,8 +93,8 @@ class TAMSCell:
         seq = x.shape[-2]
         xt = x.reshape(t, -1, seq, x.shape[-1])
         yt = y.reshape(t, -1, seq, y.shape[-1])
-        states = [torch.einsum("tnlc,twc->tnlw", xt, w["slow_down_in"]),
-                  torch.einsum("tnlc,twc->tnlw", yt, w["slow_down_out"])]
+        states = [torch.einsum("tnlc,twc->tnlw", xt, w["down_in"]),
+                  torch.einsum("tnlc,twc->tnlw", yt, w["down_out"])]
         edge = 0
         for _ in range(self.nodes):
             node = 0
@@ -105,4 +104,4 @@ class TAMSCell:
                 edge += 1
             states.append(node)
         out = torch.stack(states[2:]).mean(0)
-        return y + torch.einsum("tnlw,tcw->tnlc", out, w["slow_up"]).reshape(y.shape)
+        return y + torch.einsum("tnlw,tcw->tnlc", out, w["up"]).reshape(y.shape)

@@ -9,6 +9,8 @@ it, with an exponential temperature schedule τ_start -> τ_end. At test time α
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -52,6 +54,18 @@ def temperature(step: int, total: int, tau_start: float, tau_end: float) -> floa
     """Exponential schedule from tau_start (step 0) to tau_end (last step)."""
     frac = step / max(total - 1, 1)
     return tau_start * (tau_end / tau_start) ** frac
+
+
+@dataclass(frozen=True)
+class TauSchedule:
+    """The Gumbel-softmax temperature schedule of a run (``search.tau_*`` over ``meta.meta_steps``)."""
+
+    start: float = 1.0
+    end: float = 0.1
+    total: int = 1
+
+    def at(self, step: int) -> float:
+        return temperature(step, self.total, self.start, self.end)
 
 
 def describe_architecture(alpha: torch.Tensor, ops: list[str]) -> list[dict[str, list[str]]]:

@@ -76,6 +76,12 @@ class TaskBatch:
                        attention_mask=self.attention_mask.to(device),
                        embedding=None if self.embedding is None else self.embedding.to(device))
 
+    def concat(self, other: TaskBatch) -> TaskBatch:
+        """Pool this batch's examples with ``other``'s, per task: (T, n_a + n_b, ...) (support + query)."""
+        return replace(self, input_ids=torch.cat([self.input_ids, other.input_ids], 1),
+                       labels=torch.cat([self.labels, other.labels], 1),
+                       attention_mask=torch.cat([self.attention_mask, other.attention_mask], 1))
+
     def num_target_tokens(self) -> int:
         return int((self.labels[..., 1:] != -100).sum())
 

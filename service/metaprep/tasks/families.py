@@ -14,11 +14,12 @@ from pathlib import Path
 
 from metaprep.config import TasksConfig
 from metaprep.errors import ConfigError, DataError
-from metaprep.tasks.base import Task, validate_tasks
+from metaprep.tasks.base import Task, TaskBatch, make_batch, validate_tasks
 from metaprep.tasks.jsonl import load_jsonl_tasks
 from metaprep.tasks.synthetic import make_synthetic_tasks
 
 DATA_DIR_ENV = "METAPREP_DATA_DIR"
+ENCODER_FAMILIES = ("convai2_mc",)  # scored by a sentence encoder (DESIGN.md §4), not a causal LM
 
 # family -> "module:function"; each function(cfg: TasksConfig, data_dir: Path | None) -> list[Task]
 _LAZY = {
@@ -27,6 +28,17 @@ _LAZY = {
     "summarization": "metaprep.tasks.summarization:load_summarization_tasks",
     "convai2_mc": "metaprep.tasks.convai2_mc:load_convai2_mc_tasks",
 }
+
+FAMILIES = ("synthetic", "jsonl", *_LAZY)
+
+
+def batch_encoder(family: str) -> Callable[..., TaskBatch]:
+    """How the family's episodes become tensors: ``fn(episodes, part, tokenizer, seq_len, task_index)``."""
+    if family in ENCODER_FAMILIES:
+        from metaprep.tasks.convai2_mc import make_mc_batch
+
+        return make_mc_batch
+    return make_batch
 
 
 def resolve_data_dir(cfg: TasksConfig) -> Path | None:
@@ -52,8 +64,7 @@ def _loader(family: str) -> Callable[[TasksConfig, Path | None], list[Task]]:
             return load_jsonl_tasks(cfg.path)
         return load
     if family not in _LAZY:
-        raise ConfigError(f"tasks.family: {family!r} is not valid; choose one of synthetic, jsonl, "
-                          f"{', '.join(_LAZY)}")
+        raise ConfigError(f"tasks.family: {family!r} is not valid; choose one of {', '.join(FAMILIES)}")
     module, func = _LAZY[family].split(":")
     return getattr(importlib.import_module(module), func)
 

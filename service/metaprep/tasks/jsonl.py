@@ -1,7 +1,8 @@
 """Users' own tasks: JSONL, one example per line with a ``task`` field naming its task.
 
 Accepted line shapes: ``{"task": NAME, "text": ...}`` (language modelling) or
-``{"task": NAME, "prompt": ..., "target": ...}`` (conditional LM). A folder of ``*.jsonl``
+``{"task": NAME, "prompt": ..., "target": ...}`` (conditional LM), or for multiple-choice scorers
+(``convai2_mc``) ``{"task": NAME, "prompt": ..., "candidates": [...], "label": INDEX}``. A folder of ``*.jsonl``
 files is also accepted, one task per file (a line's ``task`` field, if present, wins).
 Every problem is reported as ``file:line: what is wrong (what is expected)``.
 """
@@ -14,7 +15,8 @@ from metaprep.errors import DataError
 from metaprep.jsonio import read_jsonl
 from metaprep.tasks.base import Example, Task
 
-EXPECTED = 'expected {"task": NAME, "text": STR} or {"task": NAME, "prompt": STR, "target": STR}'
+EXPECTED = ('expected {"task": NAME, "text": STR}, {"task": NAME, "prompt": STR, "target": STR} or '
+            '{"task": NAME, "prompt": STR, "candidates": [STR, ...], "label": INDEX}')
 
 
 def read_jsonl_records(path: Path) -> list[tuple[int, dict]]:
@@ -23,6 +25,8 @@ def read_jsonl_records(path: Path) -> list[tuple[int, dict]]:
 
 
 def record_to_example(obj: dict, where: str) -> Example:
+    if "candidates" in obj:
+        return _choice_example(obj, where)
     if "text" in obj:
         if not isinstance(obj["text"], str) or not obj["text"].strip():
             raise DataError(f"{where}: field 'text' must be a non-empty string")
@@ -32,6 +36,21 @@ def record_to_example(obj: dict, where: str) -> Example:
             raise DataError(f"{where}: fields 'prompt' and 'target' must be strings, 'target' non-empty")
         return Example(obj["prompt"], obj["target"])
     raise DataError(f"{where}: missing field 'text' (or 'prompt' and 'target'); {EXPECTED}")
+
+
+def _choice_example(obj: dict, where: str) -> Example:
+    from metaprep.tasks.convai2_mc import ChoiceExample
+
+    prompt, candidates, label = obj.get("prompt"), obj["candidates"], obj.get("label")
+    if not isinstance(prompt, str):
+        raise DataError(f"{where}: field 'prompt' must be a string; {EXPECTED}")
+    if (not isinstance(candidates, list) or len(candidates) < 2
+            or not all(isinstance(c, str) and c.strip() for c in candidates)):
+        raise DataError(f"{where}: field 'candidates' must be a list of at least 2 non-empty strings")
+    if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < len(candidates):
+        raise DataError(f"{where}: field 'label' must be an integer index into 'candidates' "
+                        f"(0..{len(candidates) - 1}), got {label!r}")
+    return ChoiceExample(prompt, candidates[label], tuple(candidates), label)
 
 
 def load_jsonl_tasks(path: str | Path) -> list[Task]:

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from metaprep.config import MetaTrainConfig
+from metaprep.tasks.base import TaskSplit
 from metaprep.train.loop import WorkerEnv, WorkerResult, run_worker
 
 
@@ -34,9 +35,12 @@ def ensure_process_group() -> None:
 
 
 def meta_train_local(cfg: MetaTrainConfig, tracking: dict | None = None, export: bool = False,
-                     on_report=None) -> WorkerResult:
-    """Meta-train ``cfg`` in this process; returns final metrics and the trained model."""
+                     on_report=None, split: TaskSplit | None = None) -> WorkerResult:
+    """Meta-train ``cfg`` in this process; returns final metrics and the trained model.
+
+    ``split`` replaces the tasks ``cfg.tasks`` would load (a benchmark fold).
+    """
     ensure_process_group()
     scratch = Path(tempfile.mkdtemp(prefix="metaprep-local-"))
     env = WorkerEnv(0, 1, on_report or (lambda metrics, path: None), None, scratch)
-    return run_worker(cfg, env, tracking, export=export)
+    return run_worker(cfg, env, tracking, export=export, split=split)

@@ -1,17 +1,15 @@
 """The meta-training worker loop: one DeepSpeed engine per worker, meta-batches sharded by rank.
 
-Every worker draws the same meta-batch (a function of seed and step), takes tasks
-``rank::world`` and computes ``(world / B) · Σ_{its tasks} L_t``; DeepSpeed averages gradients over
-workers, so W workers with meta-batch B compute exactly the meta-gradient of one worker with B
-(mean over tasks). Fast weights stay outside the engine (DESIGN.md §2). The loop runs inside a Ray
-Train worker (:mod:`metaprep.train.ray_job`) or in a plain process (``world = 1``), which the
-throughput benchmark uses to measure framework overhead.
+Each iteration is :func:`metaprep.train.step.meta_step` on this worker's share of the meta-batch;
+around it the loop evaluates on meta-validation, logs, checkpoints, detects divergence and (rank 0)
+exports the prepared model. It runs inside a Ray Train worker (:mod:`metaprep.train.ray_job`) or in
+a plain process (``world = 1``, :mod:`metaprep.train.local`). The task family decides the batch
+encoder and the model (a causal LM, or the ``convai2_mc`` sentence-encoder scorer).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -27,12 +25,14 @@ import torch.distributed as dist
 from metaprep.config import MetaTrainConfig
 from metaprep.errors import CheckpointError
 from metaprep.meta.adapt import adapt
-from metaprep.meta.build import build_meta_model, trainable_parameters
+from metaprep.meta.build import MetaLearner, build_learner, build_meta_model
+from metaprep.meta.model import MetaModel
 from metaprep.registry.artifacts import export_prepared
 from metaprep.registry.tracking import MetricLogger
-from metaprep.tasks.base import TaskSplit, fixed_episodes, make_batch, sample_meta_batch, split_tasks
-from metaprep.tasks.families import load_tasks
-from metaprep.train.zero3 import hold_gathered
+from metaprep.tasks.base import TaskSplit, fixed_episodes, split_tasks
+from metaprep.tasks.families import batch_encoder, load_tasks
+from metaprep.train.step import MetaBatches, autocast, make_engine, meta_step
+from metaprep.train.zero3 import zero3_gathered
 
 STATE_FILE = "trainer_state.json"
 FAULT_ENV = "METAPREP_FAULT_CHECKPOINT_AT"
@@ -53,29 +53,6 @@ class WorkerEnv:
 
 def load_split(cfg: MetaTrainConfig) -> TaskSplit:
     return split_tasks(load_tasks(cfg.tasks), cfg.tasks.val_fraction, cfg.tasks.test_fraction, cfg.tasks.split_seed)
-
-
-def deepspeed_config(cfg: MetaTrainConfig) -> dict:
-    return {
-        "train_micro_batch_size_per_gpu": 1,
-        "gradient_accumulation_steps": 1,
-        "gradient_clipping": cfg.meta.grad_clip if cfg.meta.grad_clip > 0 else 0.0,
-        "zero_optimization": {"stage": cfg.distributed.zero_stage},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-
-
-def noise_seed(seed: int, step: int, slot: int) -> int:
-    """Seed of the TAMS Gumbel noise of the task in ``slot`` of meta-step ``step`` (stable across processes)."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{step}:{slot}".encode()).digest()[:4], "little")
-
-
-def autocast(cfg: MetaTrainConfig):
-    if cfg.distributed.precision == "bf16":
-        return torch.autocast("cuda" if cfg.distributed.use_gpu else "cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def _all_reduce(values: list[float], world: int) -> list[float]:
@@ -120,50 +97,35 @@ def evaluate(model, cfg: MetaTrainConfig, support, query) -> float:
 @dataclass
 class WorkerResult:
     final: dict
-    model: torch.nn.Module  # the trained MetaModel (engine.module)
+    learner: MetaLearner  # engine.module: the trained model and its algorithm (with its state)
     loaded: object  # LoadedModel: tokenizer, kind, source
     split: TaskSplit
     export_dir: Path | None = None  # rank 0's exported base/ and controller/ folders
 
+    @property
+    def model(self) -> MetaModel:
+        return self.learner.model
 
-CPU_SHM_ENV = "METAPREP_DS_CPU_SHM"
 
+def run_worker(cfg: MetaTrainConfig, env: WorkerEnv, tracking: dict | None, export: bool = True,
+               split: TaskSplit | None = None) -> WorkerResult:
+    """Meta-train on this worker; rank 0 also exports the prepared model (when ``export``).
 
-def skip_cpu_shm_build(deepspeed) -> None:
-    """Do not JIT-compile DeepSpeed's shared-memory all-reduce op on CPU (``$METAPREP_DS_CPU_SHM=1`` opts in).
-
-    DeepSpeed builds it with the C++ compiler at the first ``initialize`` of every fresh machine
-    (about a minute and 1 GB per compiler process), and a build killed midway (OOM, SIGKILL)
-    leaves a lock file in the torch-extensions cache on which every later job waits forever. The
-    op only speeds up inference all-reduce; training collectives go through gloo either way.
+    ``split``: the tasks to use instead of loading and splitting ``cfg.tasks`` (the benchmarks' folds).
     """
-    if os.environ.get(CPU_SHM_ENV) != "1":
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-
-
-def run_worker(cfg: MetaTrainConfig, env: WorkerEnv, tracking: dict | None, export: bool = True) -> WorkerResult:
-    """Meta-train on this worker; rank 0 also exports the prepared model (when ``export``)."""
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.distributed.use_gpu else "cpu")
-    import deepspeed
-
-    if not cfg.distributed.use_gpu:
-        skip_cpu_shm_build(deepspeed)
     torch.set_num_threads(cfg.distributed.torch_threads or cfg.distributed.cpus_per_worker)
     torch.manual_seed(cfg.seed)
-    split = load_split(cfg)
-    task_index = {t.name: i for i, t in enumerate(split.train)}
-    model, loaded = build_meta_model(cfg, num_train_tasks=len(split.train))
-    tok, seq_len = loaded.tokenizer, cfg.tasks.seq_len
+    split = split or load_split(cfg)
+    model, loaded = build_meta_model(cfg)
+    learner = build_learner(cfg, model, num_train_tasks=len(split.train))
+    encode, tok, seq_len = batch_encoder(cfg.tasks.family), loaded.tokenizer, cfg.tasks.seq_len
     val_eps = fixed_episodes(split.val[: cfg.meta.eval_tasks], cfg.tasks.shots, cfg.tasks.query_size, cfg.seed)
-    val_s, val_q = make_batch(val_eps, "support", tok, seq_len), make_batch(val_eps, "query", tok, seq_len)
+    val_s, val_q = encode(val_eps, "support", tok, seq_len), encode(val_eps, "query", tok, seq_len)
+    batches = MetaBatches(cfg, split.train, encode, tok, env.rank, env.world)
 
-    params = trainable_parameters(model)
-    if not params:  # finetune: nothing is meta-trained; keep DeepSpeed happy with the (frozen) init
-        params = list(model.fast_init.parameters())
-    optimizer = torch.optim.AdamW(params, lr=cfg.meta.outer_lr, weight_decay=cfg.meta.weight_decay)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg))
+    engine = make_engine(cfg, learner)
     device = engine.device
-    module = engine.module
+    module = engine.module.model  # the MetaModel being trained
 
     start, history = 0, {"meta_val_loss": []}
     if env.restore_dir is not None:
@@ -180,35 +142,22 @@ def run_worker(cfg: MetaTrainConfig, env: WorkerEnv, tracking: dict | None, expo
         if logger is not None:
             logger.log(metrics, step)
 
-    meta_steps = cfg.meta.meta_steps if model.algorithm.meta_trains else 0
+    meta_steps = cfg.meta.meta_steps if learner.algorithm.meta_trains else 0
     if start == 0:
         with autocast(cfg):
             history["meta_val_loss"].append([0, evaluate(module, cfg, val_s.to(device), val_q.to(device))])
         log({"meta_val_loss": history["meta_val_loss"][-1][1]}, 0)
 
     b = cfg.meta.meta_batch_size
-    # ZeRO-3 frees gathered weights that a second-order (double-backward) graph still reads
-    hold = cfg.distributed.zero_stage == 3 and not model.algorithm.first_order
     diverged = None
     for step in range(start, meta_steps):
         t0 = time.perf_counter()
-        episodes = sample_meta_batch(split.train, b, cfg.tasks.shots, cfg.tasks.query_size, cfg.seed, step)
-        mine = episodes[env.rank::env.world]
-        support = make_batch(mine, "support", tok, seq_len, task_index).to(device)
-        # Gumbel noise of the task in slot i of this meta-batch: a function of (seed, step, i) on any worker
-        support.noise_seeds = [noise_seed(cfg.seed, step, i) for i in range(b)][env.rank::env.world]
-        query = make_batch(mine, "query", tok, seq_len, task_index).to(device)
-        skipped = engine.skipped_steps
-        with hold_gathered(module, enabled=hold):
-            with autocast(cfg):
-                losses, metrics = engine(support, query, step)
-            engine.backward(losses.float().sum() * (env.world / b))
-        engine.step()
+        support, query = batches(step, device)
         # DeepSpeed skips (rather than applies) a step whose gradients overflowed: that is divergence
-        overflow = float(engine.skipped_steps > skipped)
+        losses, metrics, overflow = meta_step(engine, cfg, support, query, step, env.world)
         tokens = int(support.attention_mask.sum() + query.attention_mask.sum())
         loss_sum, n_bad, tok_sum = _all_reduce(
-            [float(losses.detach().float().sum()), float((~torch.isfinite(losses.detach())).sum()) + overflow,
+            [float(losses.detach().float().sum()), float((~torch.isfinite(losses.detach())).sum()) + float(overflow),
              tokens], env.world)
         if n_bad:
             diverged = step
@@ -236,12 +185,11 @@ def run_worker(cfg: MetaTrainConfig, env: WorkerEnv, tracking: dict | None, expo
         final["diverged_at"] = diverged if diverged is not None else meta_steps
         _write_status(env, final)
         env.report(final, None)
-        return WorkerResult(final, module, loaded, split)
+        return WorkerResult(final, engine.module, loaded, split)
     if not export:
-        return WorkerResult(final, module, loaded, split)
+        return WorkerResult(final, engine.module, loaded, split)
     out = env.scratch / f"export-rank{env.rank}"
-    gathered = (deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
-                if cfg.distributed.zero_stage == 3 else contextlib.nullcontext())
+    gathered = (zero3_gathered(module) if cfg.distributed.zero_stage == 3 else contextlib.nullcontext())
     with gathered:
         if env.rank == 0:
             if logger is not None:
@@ -249,4 +197,4 @@ def run_worker(cfg: MetaTrainConfig, env: WorkerEnv, tracking: dict | None, expo
             export_prepared(module, loaded, cfg, out)
     _write_status(env, final)
     env.report(final, out if env.rank == 0 else None)
-    return WorkerResult(final, module, loaded, split, out if env.rank == 0 else None)
+    return WorkerResult(final, engine.module, loaded, split, out if env.rank == 0 else None)

@@ -50,3 +50,10 @@ def hold_gathered(module: torch.nn.Module, enabled: bool = True) -> Iterator[Non
     finally:
         for p in params:
             p.ds_active_sub_modules.discard(HOLD_ID)
+
+
+def zero3_gathered(module: torch.nn.Module):
+    """All of ``module``'s ZeRO-3 parameters gathered on every rank (read-only), e.g. for export."""
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)

@@ -3,8 +3,8 @@
 - :mod:`~metaprep.transfer.metadataset`: meta-dataset rows and readers (NMTLC, Quick-Tune, generic
   CSV/JSONL, the service's MLflow adapt runs), ``load_metadataset`` auto-detecting the format;
 - :mod:`~metaprep.transfer.features`: configuration / meta-feature encoding;
-- :mod:`~metaprep.transfer.surrogate`: performance (with uncertainty) and cost surrogates, and the
-  Quick-Tune deep-kernel GP baseline, saved as safetensors + JSON;
+- :mod:`~metaprep.transfer.surrogate`: performance (with uncertainty) and cost surrogates, saved as
+  safetensors + JSON;
 - :mod:`~metaprep.transfer.recommender`: zero-shot ranking and top-k portfolio (optionally cost-aware);
 - :mod:`~metaprep.transfer.searcher`: a Ray Tune searcher proposing the portfolio first;
 - :mod:`~metaprep.transfer.registry`: logging and registering a fitted surrogate in MLflow.
@@ -21,7 +21,7 @@ from typing import Any
 _EXPORTS = {
     "MetaDataset": "metadataset", "MetaRow": "metadataset", "Pool": "metadataset",
     "load_metadataset": "metadataset", "Recommendation": "recommender", "Recommender": "recommender",
-    "DeepKernelGP": "surrogate", "TransferSurrogate": "surrogate",
+    "TransferSurrogate": "surrogate",
 }
 __all__ = sorted(_EXPORTS)
 

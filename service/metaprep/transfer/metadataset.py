@@ -45,13 +45,12 @@ Formats (``load_metadataset`` detects them; a new meta-dataset in any of them ne
 
   In JSONL, ``config`` and ``meta_features`` (or ``meta``) may also be nested objects.
 - **MLflow adapt runs** (``read_mlflow_adapt_runs``): the service's own ``jobs.adapt`` runs in a
-  tracking store. Contract per FINISHED run of the experiment (default ``metaprep-adapt``): params
-  ``config.*`` (the adaptation configuration, e.g. ``config.lr``, ``config.steps``,
-  ``config.shots``, ``config.rank``, ``config.reparam``), params or tags ``meta_feature.*`` (numeric
-  task meta-features), metric ``query_loss`` logged with ``step`` = adaptation step (the learning
-  curve), metrics ``final_query_loss`` and ``cost_s``. The dataset id is the param or tag ``task``
-  (else tag ``dataset``, else a hash of the meta-features). Performance is ``-final_query_loss``
-  (``-`` last ``query_loss`` when the final metric is missing); the curve is ``-query_loss``.
+  tracking store, every FINISHED run of the experiment (default ``metaprep-adapt``) with ``config.*``
+  params, read against the contract of :mod:`metaprep.registry.adapt_runs` (``config.*``,
+  ``meta_feature.*``, ``task``, metrics ``query_loss`` per step, ``final_query_loss``, ``cost_s``).
+  The dataset id is the run's task (else a hash of the meta-features). Performance is
+  ``-final_query_loss`` (``-`` last ``query_loss`` when the final metric is missing); the curve is
+  ``-query_loss``.
   ``load_metadataset`` accepts ``mlflow:<tracking-uri>[#experiment]`` or a bare ``sqlite:``/
   ``http(s):`` tracking URI.
 """
@@ -72,9 +71,9 @@ import numpy as np
 
 from metaprep.errors import DataError
 from metaprep.jsonio import read_jsonl
+from metaprep.registry.adapt_runs import ADAPT_EXPERIMENT, META_FEATURE, AdaptRun, read_adapt_runs
 
 ConfigValue = float | str
-ADAPT_EXPERIMENT = "metaprep-adapt"
 NMTLC_KEYS = ("dataset_name", "hyperparams", "perplexity_curve")
 QUICKTUNE_FILES = ("table.csv", "perf.json", "cost.json", "descriptors.json")
 QUICKTUNE_META = ("num_samples", "num_classes", "resolution", "num_channels")
@@ -398,65 +397,36 @@ def read_generic(path: str | Path) -> MetaDataset:
 
 
 def read_mlflow_adapt_runs(tracking_uri: str, experiment: str = ADAPT_EXPERIMENT) -> MetaDataset:
-    """The service's own adaptation runs in MLflow, read against the contract in the module docstring."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=tracking_uri)
-    try:
-        exp = client.get_experiment_by_name(experiment)
-    except MlflowException as exc:
-        raise DataError(f"{tracking_uri}: cannot read the MLflow store ({exc.message.splitlines()[0]})") from None
-    if exp is None:
-        raise DataError(f"{tracking_uri}: no MLflow experiment named {experiment!r} (adapt runs are logged "
-                        f"to {ADAPT_EXPERIMENT!r})")
-    rows = []
-    token = None
-    while True:
-        page = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'",
-                                  max_results=1000, page_token=token)
-        for run in page:
-            row = _adapt_run_row(client, run, tracking_uri)
-            if row is not None:
-                rows.append(row)
-        token = page.token
-        if not token:
-            break
+    """The service's own adaptation runs in MLflow (:mod:`metaprep.registry.adapt_runs`), as rows."""
+    rows = [row for run in read_adapt_runs(tracking_uri, experiment)
+            if (row := _adapt_run_row(run, tracking_uri)) is not None]
     if not rows:
         raise DataError(f"{tracking_uri}: experiment {experiment!r} has no FINISHED run with config.* params "
                         "and a query_loss/final_query_loss metric")
     return MetaDataset(rows, f"mlflow:{experiment}", "mlflow", "-final_query_loss")
 
 
-def _adapt_run_row(client: Any, run: Any, tracking_uri: str) -> MetaRow | None:
-    params, tags, metrics = run.data.params, run.data.tags, run.data.metrics
-    where = f"{tracking_uri} run {run.info.run_id}"
-    config = {k[len("config."):]: _config_value(v) for k, v in params.items() if k.startswith("config.")}
-    if not config:
-        return None
-    raw_meta = {k: v for k, v in tags.items() if k.startswith("meta_feature.")}
-    raw_meta.update({k: v for k, v in params.items() if k.startswith("meta_feature.")})
+def _adapt_run_row(run: AdaptRun, tracking_uri: str) -> MetaRow | None:
+    where = f"{tracking_uri} run {run.run_id}"
     meta = {}
-    for key, value in raw_meta.items():
+    for key, value in run.meta_features.items():
         number = _number(value)
         if number is None:
-            raise DataError(f"{where}: {key} is {value!r}; meta-features must be numeric")
-        meta[key[len("meta_feature."):]] = number
-    history = sorted(client.get_metric_history(run.info.run_id, "query_loss"), key=lambda m: (m.step, m.timestamp))
-    curve = tuple(-float(m.value) for m in history if math.isfinite(m.value))
-    if "final_query_loss" in metrics and math.isfinite(metrics["final_query_loss"]):
-        performance = -float(metrics["final_query_loss"])
+            raise DataError(f"{where}: {META_FEATURE}{key} is {value!r}; meta-features must be numeric")
+        meta[key] = number
+    curve = tuple(-loss for loss in run.curve)
+    if run.final_loss is not None:
+        performance = -run.final_loss
     elif curve:
         performance = curve[-1]
     else:
         return None
-    cost = metrics.get("cost_s")
-    dataset = params.get("task") or tags.get("task") or tags.get("dataset")
+    dataset = run.task
     if not dataset:
         digest = hashlib.sha1(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:8]
         dataset = f"mf-{digest}"
-    return MetaRow(str(dataset), meta, config, performance, curve,
-                   float(cost) if cost is not None and math.isfinite(cost) else None, where)
+    config = {k: _config_value(v) for k, v in run.config.items()}
+    return MetaRow(str(dataset), meta, config, performance, curve, run.cost_s, where)
 
 
 def load_metadataset(path: str | Path) -> MetaDataset:

@@ -4,8 +4,9 @@ The folder written by :meth:`metaprep.transfer.recommender.Recommender.save` (``
 ``perf.safetensors``, optional ``cost.safetensors``, ``candidates.json``) is logged as plain
 artifacts of a run in the ``metaprep-transfer`` experiment, and ``mlflow.register_model`` registers
 that artifact path under ``name``. Nothing is pickled: loading is ``Recommender.load`` on the
-downloaded folder (:func:`download_surrogate`). Version tags record what was fitted (DESIGN.md §2,
-"Registry": tags, aliases; no stages).
+downloaded folder (:func:`download_surrogate`; :func:`load_recommender` takes either a folder or a
+``models:/`` URI). Version tags record what was fitted (DESIGN.md §2, "Registry": tags, aliases; no
+stages).
 """
 
 from __future__ import annotations
@@ -63,3 +64,17 @@ def download_surrogate(model_uri: str, dst: str | Path, tracking_uri: str) -> Pa
     except MlflowException as exc:
         raise RegistryError(f"{model_uri}: cannot download ({exc.message.splitlines()[0]})") from None
     return Path(path)
+
+
+def load_recommender(surrogate: str, tracking_uri: str | None = None):
+    """A fitted :class:`~metaprep.transfer.recommender.Recommender` from a saved folder or a registered
+    ``models:/NAME/VERSION`` | ``models:/NAME@alias`` (downloaded from ``tracking_uri`` / ``MLFLOW_TRACKING_URI``)."""
+    import tempfile
+
+    from metaprep.registry.tracking import tracking_uri as resolve_uri
+    from metaprep.transfer.recommender import Recommender
+
+    if not surrogate.startswith("models:/"):
+        return Recommender.load(Path(surrogate).expanduser())
+    with tempfile.TemporaryDirectory() as tmp:  # Recommender.load reads everything into memory
+        return Recommender.load(download_surrogate(surrogate, tmp, resolve_uri(tracking_uri)))

@@ -9,30 +9,19 @@ receive the first-order query gradient at φ_t.
 
 from __future__ import annotations
 
-import dataclasses
-
-import torch
-
-from metaprep.meta.algorithm import MetaAlgorithm
+from metaprep.meta.algorithm import MetaAlgorithm, register
 from metaprep.meta.inner import flatten_fast, inner_loop
-from metaprep.tasks.base import TaskBatch
 
 
-def concat(a: TaskBatch, b: TaskBatch) -> TaskBatch:
-    """Pool support and query examples per task: (T, n_s + n_q, L)."""
-    return dataclasses.replace(a, input_ids=torch.cat([a.input_ids, b.input_ids], 1),
-                               labels=torch.cat([a.labels, b.labels], 1),
-                               attention_mask=torch.cat([a.attention_mask, b.attention_mask], 1))
-
-
+@register
 class Reptile(MetaAlgorithm):
     name = "reptile"
 
     def meta_loss(self, model, support, query, step):
-        cfg = model.cfg.meta
+        inner = self.inner
         init = model.fast_init(support.num_tasks)
-        fast, losses = inner_loop(model, concat(support, query), init, None, cfg.inner_steps, cfg.inner_lr,
-                                  cfg.inner_optimizer, create_graph=False)
+        fast, losses = inner_loop(model, support.concat(query), init, None, inner.steps, inner.lr, inner.optimizer,
+                                  create_graph=False)
         _, init_t = flatten_fast(init)
         _, fast_t = flatten_fast(fast)
         pull = sum(0.5 * (i - f.detach()).pow(2).flatten(1).sum(1) for i, f in zip(init_t, fast_t, strict=True))

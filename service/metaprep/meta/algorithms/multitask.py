@@ -7,14 +7,15 @@ the new task; nothing in this objective makes W adaptable, which is what Meta-Lo
 
 from __future__ import annotations
 
-from metaprep.meta.algorithm import MetaAlgorithm
-from metaprep.meta.reptile import concat
+from metaprep.meta.algorithm import MetaAlgorithm, register
 
 
+@register
 class Multitask(MetaAlgorithm):
     name = "multitask"
     trains_fast_init = False
+    encoder_ok = True
 
     def meta_loss(self, model, support, query, step):
-        losses = model.task_losses(concat(support, query), None, None)
+        losses = model.task_losses(support.concat(query), None, None)
         return losses, {"query_loss": float(losses.detach().mean())}

@@ -5,26 +5,27 @@ kind); the outer loop meta-learns the base and the TARP initialisation on the su
 losses (Algorithm 1). ``mltd`` (§3.2) adds TAMS: per task the controller picks a sublayer
 architecture α from the support-set embedding (straight-through Gumbel-softmax), the inner
 loop also adapts the selected op weights, and the outer loop updates the controller through α.
-First-order by default, as in the released code; ``second_order=True`` differentiates through
+First-order by default, as in the released code; ``meta.second_order`` differentiates through
 the inner loop.
 """
 
 from __future__ import annotations
 
-from metaprep.meta.algorithm import MetaAlgorithm
-from metaprep.meta.maml import adapted_query_losses
+from metaprep.meta.algorithm import MetaAlgorithm, register
+from metaprep.meta.inner import adapt_then_query
 
 
+@register
 class MLtDTARP(MetaAlgorithm):
     name = "mltd_tarp"
-
-    def __init__(self, second_order: bool = False) -> None:
-        self.first_order = not second_order
+    needs_tarp = True
+    second_order = "optional"
 
     def meta_loss(self, model, support, query, step):
-        return adapted_query_losses(model, support, query, step, create_graph=not self.first_order)
+        return adapt_then_query(model, support, query, step, self.inner, self.tau, self.create_graph)
 
 
+@register
 class MLtD(MLtDTARP):
     name = "mltd"
     uses_tams = True

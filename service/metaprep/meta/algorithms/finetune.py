@@ -6,13 +6,15 @@ outer updates; evaluation adapts a fresh low-rank adapter of the configured kind
 
 from __future__ import annotations
 
-from metaprep.meta.algorithm import MetaAlgorithm
+from metaprep.meta.algorithm import MetaAlgorithm, register
 
 
+@register
 class Finetune(MetaAlgorithm):
     name = "finetune"
     trains_fast_init = False
     meta_trains = False
+    encoder_ok = True
 
     def meta_loss(self, model, support, query, step):
         raise RuntimeError("finetune performs no meta-training")

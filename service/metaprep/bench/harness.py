@@ -1,0 +1,203 @@
+"""The harness every LM suite shares (and :mod:`metaprep.bench.convai2_mc`): prepare, tune, adapt, record.
+
+* **Methods** (names of the algorithm registry, :data:`metaprep.meta.algorithm.ALGORITHMS`):
+  ``finetune`` (the pretrained base, no meta-training), ``multitask`` (standard retraining),
+  ``fomaml``, ``maml``, ``reptile``, ``meta_lora`` — all with LoRA fast weights — and ``mltd_tarp`` /
+  ``mltd`` with TARP (the algorithms that need a TARP kind get the protocol's ``tarp_kind``) and,
+  for ``mltd``, TAMS. Every method that meta-trains is meta-trained in-process by
+  :func:`metaprep.train.local.meta_train_local` on the meta-training tasks with the same number of
+  meta-steps, meta-batch size and episode shape (:class:`~metaprep.bench.protocol.Protocol`).
+* **Same adaptation budget for all**: each held-out task gets one fixed episode per seed
+  (:func:`~metaprep.tasks.base.fixed_episodes`: ``shots`` support and ``query_size`` query
+  examples, identical for every method), then ``adapt_steps`` full-batch Adam-style steps on the
+  support set of a fresh fast-weight set (the meta-learned init for the methods that learn one),
+  via :func:`metaprep.meta.adapt.adapt`, which records the query loss after every step.
+* **Learning rates tuned on meta-val only**: the adaptation learning rate of each method is picked
+  from ``lr_grid`` by the mean query loss after adaptation on meta-validation tasks (never the
+  test tasks), with the model meta-trained for the first seed; later seeds reuse the choice. The
+  meta-training inner learning rate (``inner_lr``) and the outer learning rate (``outer_lr``) are
+  fixed a priori per model size (no test-time information), the paper's first-order setting.
+
+:func:`run_folds` returns one record per (fold, seed, method): per-step per-task query losses,
+extras of a hook, the lr choice and timings; :mod:`metaprep.bench.lm_report` turns them into rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from metaprep.bench.protocol import Protocol, protocol_for
+from metaprep.bench.report import mean_or_nan
+from metaprep.config import MetaTrainConfig, TasksConfig
+from metaprep.errors import ConfigError, DataError
+from metaprep.meta.adapt import adapt
+from metaprep.meta.algorithm import ALGORITHMS
+from metaprep.meta.build import build_meta_model
+from metaprep.tasks.base import Episode, TaskBatch, TaskSplit, fixed_episodes, make_batch
+from metaprep.tasks.families import resolve_data_dir
+from metaprep.train.local import meta_train_local
+from metaprep.train.loop import load_split
+
+
+def setup_suite(args: argparse.Namespace, suite: str, default_model: str | None = None,
+                encoder: bool = False) -> tuple[Path, str, Protocol]:
+    root = data_root(args)
+    model_path = getattr(args, "model_path", None) or default_model or default_model_path(root)
+    return root, model_path, protocol_for(suite, model_path, bool(getattr(args, "quick", False)),
+                                          getattr(args, "seeds", None), getattr(args, "methods", None),
+                                          getattr(args, "meta_steps", None), encoder=encoder)
+
+
+def data_root(args: argparse.Namespace) -> Path:
+    root = Path(args.data_dir) if getattr(args, "data_dir", None) else resolve_data_dir(TasksConfig())
+    if root is None or not root.is_dir():
+        raise ConfigError("--data-dir: the shared data root is not found; pass --data-dir or set $METAPREP_DATA_DIR")
+    return root
+
+
+def default_model_path(data_dir: Path) -> str:
+    """stories260K next to the data (``<data_dir>/../models``), else ``../shared/models`` of the checkout."""
+    for folder in (data_dir.parent / "models" / "stories260K",
+                   Path(__file__).resolve().parents[3].parent / "shared" / "models" / "stories260K"):
+        if folder.is_dir():
+            return str(folder)
+    raise ConfigError("--model-path: no stories260K folder found next to the data; pass --model-path")
+
+
+# --------------------------------------------------------------------------- the harness
+
+@dataclass
+class Fold:
+    """One meta-train / meta-val / meta-test arrangement.
+
+    ``tasks`` are the ``TasksConfig`` fields under which :func:`meta_train_local` loads and splits
+    the meta-training pool. Test tasks are the pool's test split unless ``test`` is given; then the
+    pool's test split joins meta-val (it is not used for testing). ``val`` overrides meta-val tasks.
+    """
+
+    name: str
+    tasks: dict
+    test: list | None = None
+    val: list | None = None
+    split: TaskSplit | None = field(default=None, repr=False)
+
+
+Hook = Callable[..., dict[str, list[float]]]
+
+
+def make_config(method: str, seed: int, proto: Protocol, fold: Fold, model_path: str) -> MetaTrainConfig:
+    cfg = MetaTrainConfig(algorithm=method, seed=seed)
+    cfg.model.path = model_path
+    for key, value in fold.tasks.items():
+        setattr(cfg.tasks, key, value)
+    cfg.tasks.shots, cfg.tasks.query_size, cfg.tasks.seq_len = proto.shots, proto.query_size, proto.seq_len
+    cfg.reparam.kind = proto.tarp_kind if ALGORITHMS[method].needs_tarp else "lora"
+    cfg.reparam.rank, cfg.reparam.alpha = proto.rank, proto.alpha
+    if proto.targets:
+        cfg.reparam.targets = list(proto.targets)
+    m = cfg.meta
+    m.inner_lr, m.outer_lr, m.inner_steps, m.inner_optimizer = proto.inner_lr, proto.outer_lr, proto.inner_steps, "adam"
+    m.meta_batch_size, m.meta_steps = proto.meta_batch_size, proto.meta_steps
+    m.eval_every, m.eval_tasks = proto.meta_steps, 2  # the harness does its own meta-val evaluation
+    cfg.distributed.precision, cfg.distributed.torch_threads = proto.precision, proto.threads
+    return cfg.validate()
+
+
+def prepare(method: str, seed: int, proto: Protocol, fold: Fold, model_path: str):
+    """The model a method adapts from: meta-trained, or the wrapped pretrained base for ``finetune``."""
+    cfg = make_config(method, seed, proto, fold, model_path)
+    if not ALGORITHMS[method].meta_trains:  # finetune: the pretrained base with a fresh LoRA per task
+        torch.manual_seed(seed)
+        model, loaded = build_meta_model(cfg)
+        return model, loaded.tokenizer, {}
+    res = meta_train_local(cfg, split=fold.split)
+    info = {k: res.final.get(k) for k in ("meta_val_loss_start", "meta_val_loss_end", "diverged_at")}
+    return res.model, res.loaded.tokenizer, info
+
+
+def evaluate(model, tokenizer, episodes: list[Episode], proto: Protocol, lr: float,
+             hook: Hook | None = None, batch_fn: Callable[..., TaskBatch] = make_batch,
+             ) -> tuple[list[list[float]], dict[str, list[float]]]:
+    """Adapt every episode's task (in chunks of ``eval_chunk`` tasks); per-step per-task query losses.
+
+    ``batch_fn(episodes, part, tokenizer, seq_len)`` encodes a chunk (``make_batch``: causal-LM examples).
+    """
+    dtype = torch.bfloat16 if proto.precision == "bf16" else None
+    curve: list[list[float]] = [[] for _ in range(proto.adapt_steps + 1)]
+    extras: dict[str, list[float]] = {}
+    for start in range(0, len(episodes), proto.eval_chunk):
+        chunk = episodes[start:start + proto.eval_chunk]
+        support = batch_fn(chunk, "support", tokenizer, proto.seq_len)
+        query = batch_fn(chunk, "query", tokenizer, proto.seq_len)
+        res = adapt(model, support, query, proto.adapt_steps, lr, "adam", autocast_dtype=dtype)
+        for step, losses in enumerate(res.curve):
+            curve[step].extend(losses)
+        if hook is not None:
+            for key, values in hook(model, tokenizer, chunk, res, proto).items():
+                extras.setdefault(key, []).extend(values)
+    return curve, extras
+
+
+def run_folds(folds: list[Fold], proto: Protocol, model_path: str, hook: Hook | None = None,
+              val_score: Callable[[list[list[float]], dict], float] | None = None,
+              log: Callable[[str], None] = print, prepare_fn: Callable | None = None,
+              batch_fn: Callable[..., TaskBatch] = make_batch) -> list[dict]:
+    """Meta-train and evaluate every (fold, seed, method); one record each (curves, timings, lr choice).
+
+    ``val_score(curve, extras)`` ranks the lr candidates on meta-val (lower is better; default: mean
+    query loss after adaptation); ``hook`` runs at meta-val only when a ``val_score`` is given.
+    ``prepare_fn`` (default :func:`prepare`) and ``batch_fn`` swap in another model family (the
+    convai2_mc sentence encoder).
+    """
+    prepare_fn = prepare_fn or prepare
+    torch.set_num_threads(proto.threads)  # finetune never enters the training loop, which would set it
+    tune_hook = hook if val_score is not None else None
+    val_score = val_score or (lambda curve, extras: mean_or_nan(curve[-1]))
+    records, chosen = [], {}
+    for fold in folds:
+        probe = make_config("finetune", 0, proto, fold, model_path)
+        split = fold.split or load_split(probe)
+        fold.split = split
+        val_pool = fold.val if fold.val is not None else split.val + (split.test if fold.test is not None else [])
+        val_tasks = val_pool[: proto.val_tasks]
+        test_tasks = fold.test if fold.test is not None else split.test
+        if proto.test_tasks:
+            test_tasks = test_tasks[: proto.test_tasks]
+        if not val_tasks or not test_tasks:
+            raise DataError(f"fold {fold.name}: needs meta-val and test tasks, got {len(val_tasks)} and "
+                            f"{len(test_tasks)}")
+        for seed in range(proto.seeds):
+            val_eps = fixed_episodes(val_tasks, proto.shots, proto.query_size, seed)
+            test_eps = fixed_episodes(test_tasks, proto.shots, proto.query_size, seed)
+            for method in proto.methods:
+                c0, t0 = time.process_time(), time.perf_counter()
+                model, tok, info = prepare_fn(method, seed, proto, fold, model_path)
+                t1 = time.perf_counter()
+                key = (fold.name, method)
+                if key not in chosen:  # tuned once per fold, on the first seed, on meta-val tasks only
+                    scores = {}
+                    for lr in proto.lr_grid:
+                        curve, extras = evaluate(model, tok, val_eps, proto, lr, tune_hook, batch_fn)
+                        score = val_score(curve, extras)
+                        scores[lr] = score if math.isfinite(score) else float("inf")
+                    chosen[key] = (min(scores, key=scores.get), scores)
+                lr, scores = chosen[key]
+                t2 = time.perf_counter()
+                curve, extras = evaluate(model, tok, test_eps, proto, lr, hook, batch_fn)
+                t3 = time.perf_counter()
+                records.append({"fold": fold.name, "seed": seed, "method": method, "lr": lr,
+                                "val_scores": {str(k): v for k, v in scores.items()},
+                                "tasks": [ep.task for ep in test_eps], "curve": curve, "extras": extras,
+                                "meta_train_s": round(t1 - t0, 2), "tune_s": round(t2 - t1, 2),
+                                "eval_s": round(t3 - t2, 2), "cpu_s": round(time.process_time() - c0, 2), **info})
+                log(f"[{fold.name} seed {seed}] {method:10s} lr={lr:g} query loss {mean_or_nan(curve[0]):.3f} -> "
+                    f"{mean_or_nan(curve[-1]):.3f}  (train {t1 - t0:.0f}s, tune {t2 - t1:.0f}s, eval {t3 - t2:.0f}s)")
+                del model
+    return records

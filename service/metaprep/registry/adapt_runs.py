@@ -1,0 +1,115 @@
+"""The adapt-run contract: what one adaptation (``jobs.adapt``) logs to MLflow, and how it is read back.
+
+Every adaptation is a run of the experiment :data:`ADAPT_EXPERIMENT`: these runs are the meta-dataset
+the configuration recommender learns from (:func:`metaprep.transfer.metadataset.read_mlflow_adapt_runs`).
+Per run:
+
+- params ``config.*``: the adaptation configuration (``config.lr``, ``config.steps``, ``config.shots``,
+  ``config.rank``, ``config.reparam``, ...); params (or tags) ``meta_feature.*``: numeric task
+  meta-features; param (or tag) ``task``, else tag ``dataset``: the task's id;
+- metric ``query_loss`` at ``step`` = adaptation step (the learning curve), ``final_query_loss`` and
+  ``cost_s`` (seconds);
+- free-form extras (params ``base``/``controller``, other metrics, artifacts) that readers ignore.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from metaprep.errors import DataError
+
+ADAPT_EXPERIMENT = "metaprep-adapt"
+CONFIG = "config."
+META_FEATURE = "meta_feature."
+CURVE = "query_loss"
+FINAL = "final_query_loss"
+COST = "cost_s"
+
+
+@dataclass
+class AdaptRun:
+    """One adaptation run in the contract's terms (values as logged: readers parse them)."""
+
+    task: str | None  # the task (dataset) id; None: the reader derives one
+    config: dict[str, Any]  # without the ``config.`` prefix
+    meta_features: dict[str, Any]
+    curve: list[float]  # query loss per adaptation step (finite values, step order)
+    final_loss: float | None = None
+    cost_s: float | None = None
+    run_id: str = ""
+    extra_params: dict[str, Any] = field(default_factory=dict)
+    extra_metrics: dict[str, float] = field(default_factory=dict)
+
+
+def log_adapt_run(uri: str, run: AdaptRun, run_name: str,
+                  artifacts: dict[str, Callable[[Path], None]] | None = None) -> str:
+    """Log ``run`` to :data:`ADAPT_EXPERIMENT`, plus ``artifacts`` (file name -> a function writing that
+    file); returns the run id."""
+    import mlflow
+
+    from metaprep.registry.client import experiment_id
+
+    experiment_id(uri, ADAPT_EXPERIMENT)
+    with mlflow.start_run(run_name=run_name[:200]) as active:
+        mlflow.log_params({**{CONFIG + k: v for k, v in run.config.items()}, **run.extra_params, "task": run.task})
+        for key, value in run.meta_features.items():
+            mlflow.log_param(META_FEATURE + key, f"{value:.6g}")
+        for step, value in enumerate(run.curve):
+            mlflow.log_metric(CURVE, value, step=step)
+        mlflow.log_metrics({FINAL: run.final_loss, COST: run.cost_s, **run.extra_metrics})
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, write in (artifacts or {}).items():
+                path = Path(tmp) / name
+                write(path)
+                mlflow.log_artifact(str(path))
+        return active.info.run_id
+
+
+def read_adapt_runs(tracking_uri: str, experiment: str = ADAPT_EXPERIMENT) -> Iterator[AdaptRun]:
+    """Every FINISHED run of ``experiment`` that has ``config.*`` params, in the contract's terms."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    try:
+        exp = client.get_experiment_by_name(experiment)
+    except MlflowException as exc:
+        raise DataError(f"{tracking_uri}: cannot read the MLflow store ({exc.message.splitlines()[0]})") from None
+    if exp is None:
+        raise DataError(f"{tracking_uri}: no MLflow experiment named {experiment!r} (adapt runs are logged "
+                        f"to {ADAPT_EXPERIMENT!r})")
+    token = None
+    while True:
+        page = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'",
+                                  max_results=1000, page_token=token)
+        for found in page:
+            run = _adapt_run(client, found)
+            if run is not None:
+                yield run
+        token = page.token
+        if not token:
+            break
+
+
+def _adapt_run(client: Any, run: Any) -> AdaptRun | None:
+    params, tags, metrics = run.data.params, run.data.tags, run.data.metrics
+    config = {k[len(CONFIG):]: v for k, v in params.items() if k.startswith(CONFIG)}
+    if not config:
+        return None
+    meta = {k: v for k, v in tags.items() if k.startswith(META_FEATURE)}
+    meta.update({k: v for k, v in params.items() if k.startswith(META_FEATURE)})
+    history = sorted(client.get_metric_history(run.info.run_id, CURVE), key=lambda m: (m.step, m.timestamp))
+
+    def finite(key: str) -> float | None:
+        value = metrics.get(key)
+        return float(value) if value is not None and math.isfinite(value) else None
+
+    return AdaptRun(task=params.get("task") or tags.get("task") or tags.get("dataset"), config=config,
+                    meta_features={k[len(META_FEATURE):]: v for k, v in meta.items()},
+                    curve=[float(m.value) for m in history if math.isfinite(m.value)],
+                    final_loss=finite(FINAL), cost_s=finite(COST), run_id=run.info.run_id)

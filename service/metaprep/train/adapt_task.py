@@ -1,0 +1,191 @@
+"""Adapt a registered prepared model to one new task: what ``jobs.adapt`` runs.
+
+:func:`adapt_registered` loads ``NAME-base`` / ``NAME-controller`` (a ``models:/`` URI or an exported
+folder), takes the task from a JSONL file or from the meta-test split of the recipe the model was
+prepared with, draws K support examples and a query set (:func:`draw_episode`), adapts for N steps and
+returns the summary: query loss and perplexity before and after, the curve and the cost. The run is
+logged to MLflow as an adapt run (:mod:`metaprep.registry.adapt_runs`), the recommender's meta-dataset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from metaprep.errors import ConfigError, DataError
+
+if TYPE_CHECKING:  # torch loads only once the arguments are checked
+    from metaprep.tasks.base import Episode, Task
+
+
+def pick_task(tasks: list[Task], name: str | None, source: str) -> Task:
+    names = [t.name for t in tasks]
+    if name is None:
+        if len(tasks) > 1:
+            raise DataError(f"{source}: holds {len(tasks)} tasks; choose one with --task ({', '.join(names[:10])})")
+        return tasks[0]
+    for t in tasks:
+        if t.name == name:
+            return t
+    raise DataError(f"{source}: no task named {name!r} (available: {', '.join(names[:10])})")
+
+
+def meta_test_task(cfg, data_dir: str | None, name: str | None) -> tuple[Task, str]:
+    """A task of the meta-test split of the recipe ``cfg`` (same family, same fixed split seed)."""
+    from metaprep.train.loop import load_split
+
+    if data_dir is not None:
+        cfg = dataclasses.replace(cfg, tasks=dataclasses.replace(cfg.tasks, data_dir=data_dir))
+    split = load_split(cfg)
+    source = f"--meta-test (tasks.family={cfg.tasks.family}, split seed {cfg.tasks.split_seed})"
+    if not split.test:
+        raise DataError(f"{source}: the recipe's meta-test split is empty; pass --tasks FILE")
+    return (pick_task(split.test, name, source) if name else split.test[0]), source
+
+
+def check_size(task: Task, shots: int, source: str) -> Task:
+    if len(task.examples) < shots + 1:
+        raise DataError(f"{source}: task {task.name!r} has {len(task.examples)} examples; --shots {shots} "
+                        f"needs at least {shots + 1} (support + 1 query)")
+    return task
+
+
+def draw_episode(task: Task, shots: int, query_size: int, seed: int) -> Episode:
+    """``shots`` support examples and up to ``query_size`` query examples (the rest of the task), drawn
+    as one seeded permutation of the task's examples."""
+    from metaprep.tasks.base import sample_episode
+
+    episode = sample_episode(task, shots, len(task.examples) - shots, random.Random(seed))
+    return dataclasses.replace(episode, query=episode.query[:query_size])
+
+
+def meta_features(task: Task, support, tokenizer, zero_shot_loss: float) -> dict[str, float]:
+    """Cheap, model-aware descriptors of the task (inputs of the configuration recommender)."""
+    lengths = [len(tokenizer.encode(e.prompt + e.target)) for e in task.examples]
+    return {"n_examples": float(len(task.examples)), "mean_tokens": sum(lengths) / len(lengths),
+            "prompt_fraction": sum(len(e.prompt) for e in task.examples) /
+            max(1, sum(len(e.prompt) + len(e.target) for e in task.examples)),
+            "zero_shot_loss": zero_shot_loss, "shots": float(support.input_ids.shape[1])}
+
+
+def adapt_registered(base: str, controller: str, *, tasks: str | None = None, task: str | None = None,
+                     meta_test: bool = False, data_dir: str | None = None, shots: int = 8, steps: int = 10,
+                     lr: float | None = None, query_size: int = 32, seed: int = 0,
+                     export_merged: str | None = None, export_peft: str | None = None,
+                     log_mlflow: bool = True) -> dict:
+    """Adapt the prepared model ``base`` + ``controller`` to one task and return the summary.
+
+    The task is ``task`` of the JSONL ``tasks`` (read before any model is loaded: bad input fails fast),
+    or with ``meta_test`` a held-out task of the model's own recipe (``data_dir``: its data root).
+    ``lr`` defaults to the recipe's inner lr. ``export_merged`` / ``export_peft``: folders to save the
+    adapted model to; ``log_mlflow``: log the adapt run (``mlflow_run_id`` in the summary).
+    Errors name the ``jobs.adapt`` flag at fault.
+    """
+    _check_args(tasks, meta_test, data_dir, shots, steps, query_size, lr)
+    t0 = time.perf_counter()
+    from metaprep.registry.artifacts import load_prepared
+    from metaprep.registry.resolve import resolve_artifact
+    from metaprep.tasks.families import batch_encoder
+    from metaprep.tasks.jsonl import load_jsonl_tasks
+
+    if tasks is not None:
+        picked = check_size(pick_task(load_jsonl_tasks(tasks), task, tasks), shots, tasks)
+    model, loaded, cfg = load_prepared(resolve_artifact(base, None), resolve_artifact(controller, None))
+    if meta_test:
+        picked, source = meta_test_task(cfg, data_dir, task)
+        picked = check_size(picked, shots, source)
+    _check_family(picked, cfg.tasks.family, tasks or "--meta-test")
+    lr = lr if lr is not None else cfg.meta.inner_lr
+    episode = draw_episode(picked, shots, query_size, seed)
+    encode = batch_encoder(cfg.tasks.family)
+    support = encode([episode], "support", loaded.tokenizer, cfg.tasks.seq_len)
+    query = encode([episode], "query", loaded.tokenizer, cfg.tasks.seq_len)
+
+    from metaprep.meta.adapt import adapt
+    from metaprep.search.controller import describe_architecture
+
+    result = adapt(model, support, query, steps, lr, cfg.meta.inner_optimizer)
+    curve = [c[0] for c in result.curve]
+    if not all(math.isfinite(c) for c in curve):
+        raise DataError(f"adaptation diverged (query loss {curve[-1]}) at --lr {lr}; use a smaller --lr")
+    summary = {
+        "task": picked.name, "shots": shots, "steps": steps, "lr": lr, "n_query": len(episode.query),
+        "query_loss_before": curve[0], "query_loss_after": curve[-1],
+        "perplexity_before": math.exp(min(curve[0], 50)), "perplexity_after": math.exp(min(curve[-1], 50)),
+        "curve": curve, "wall_s": round(time.perf_counter() - t0, 3), "algorithm": cfg.algorithm,
+        "reparam": cfg.reparam.kind, "base": base, "controller": controller,
+    }
+    if hasattr(model, "accuracy"):  # a multiple-choice scorer: gold-candidate accuracy on the query set
+        import torch
+
+        with torch.no_grad():
+            summary["accuracy_before"] = model.accuracy(query, model.fast_init(1)).item()
+            summary["accuracy_after"] = model.accuracy(query, result.fast).item()
+    if result.arch is not None:
+        summary["architecture"] = describe_architecture(result.arch, cfg.search.ops)[0]
+    from metaprep.registry.export import export_merged as save_merged
+    from metaprep.registry.export import export_peft as save_peft
+
+    if export_merged:
+        from metaprep.registry.artifacts import save_tokenizer
+
+        save_merged(model, result.fast, 0, Path(export_merged), lambda out: save_tokenizer(loaded.tokenizer, out))
+        summary["export_merged"] = export_merged
+    if export_peft:
+        save_peft(model, result.fast, 0, Path(export_peft), base)
+        summary["export_peft"] = export_peft
+    if log_mlflow:
+        features = meta_features(picked, support, loaded.tokenizer, summary["query_loss_before"])
+        summary["mlflow_run_id"] = _log_run(cfg, picked, features, result.fast, summary)
+    return summary
+
+
+def _check_family(task: Task, family: str, source: str) -> None:
+    """A multiple-choice scorer adapts on multiple-choice examples, a language model on text."""
+    from metaprep.tasks.convai2_mc import ChoiceExample
+    from metaprep.tasks.families import ENCODER_FAMILIES
+
+    choice = all(isinstance(e, ChoiceExample) for e in task.examples)
+    if family in ENCODER_FAMILIES and not choice:
+        raise DataError(f"{source}: the model is a multiple-choice scorer (tasks.family={family}); every line of "
+                        f"task {task.name!r} needs 'prompt', 'candidates' and 'label'")
+    if family not in ENCODER_FAMILIES and any(isinstance(e, ChoiceExample) for e in task.examples):
+        raise DataError(f"{source}: task {task.name!r} has multiple-choice lines ('candidates'), but the model is a "
+                        f"language model (tasks.family={family}); give 'text' or 'prompt'/'target' lines")
+
+
+def _check_args(tasks: str | None, meta_test: bool, data_dir: str | None, shots: int, steps: int,
+                query_size: int, lr: float | None) -> None:
+    if (tasks is None) == (not meta_test):
+        raise ConfigError("--tasks / --meta-test: give exactly one (a JSONL file of the new task, or --meta-test for "
+                          "a held-out task of the recipe's family)")
+    if data_dir and not meta_test:
+        raise ConfigError("--data-dir: only used with --meta-test")
+    for flag, value, low in (("--shots", shots, 1), ("--steps", steps, 1), ("--query-size", query_size, 1)):
+        if value < low:
+            raise ConfigError(f"{flag}: must be >= {low}, got {value}")
+    if lr is not None and not (lr > 0 and math.isfinite(lr)):
+        raise ConfigError(f"--lr: must be a finite number > 0, got {lr}")
+
+
+def _log_run(cfg, task: Task, features: dict[str, float], fast, summary: dict) -> str:
+    from metaprep.registry.adapt_runs import AdaptRun, log_adapt_run
+    from metaprep.registry.export import save_fast_weights
+    from metaprep.registry.tracking import reachable_tracking_uri
+
+    run = AdaptRun(
+        task=task.name, meta_features=features, curve=summary["curve"], final_loss=summary["query_loss_after"],
+        cost_s=summary["wall_s"],
+        config={"lr": summary["lr"], "steps": summary["steps"], "shots": summary["shots"], "rank": cfg.reparam.rank,
+                "reparam": cfg.reparam.kind, "algorithm": cfg.algorithm, "inner_optimizer": cfg.meta.inner_optimizer},
+        extra_params={"base": summary["base"], "controller": summary["controller"]},
+        extra_metrics={"query_loss_before": summary["query_loss_before"],
+                       "perplexity_after": summary["perplexity_after"]})
+    return log_adapt_run(reachable_tracking_uri(None), run, f"adapt-{task.name}", artifacts={
+        "adapted_fast_weights.safetensors": lambda path: save_fast_weights(fast, path),
+        "summary.json": lambda path: path.write_text(json.dumps(summary, indent=1))})

@@ -1,0 +1,230 @@
+"""Launch a meta-training run: its MLflow run, the Ray Train fit, its final status and registration.
+
+``jobs.meta_train`` is :func:`launch_meta_training`. Each sweep trial (:mod:`metaprep.tune.trial`)
+runs the same pieces under its sweep's parent run, without registering: :func:`start_run` (the
+MLflow run with the full configuration as params), :func:`fit` (``build_trainer`` + ``fit``, the run
+marked ``FAILED`` if it raises) and :attr:`FitResult.diverged`. The sweep driver shares
+:func:`check_inputs`, :func:`init_ray`, :func:`storage_root` and :func:`new_run_name`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from metaprep.config import MetaTrainConfig, flatten
+from metaprep.errors import MetaprepError, TrainingDivergedError
+
+RUN_FILE = "metaprep_run.json"  # {run_id, tracking_uri}: how --resume finds the MLflow run of a Ray run
+STATUS_FILE = "metaprep_final.json"  # the final metrics, written by the rank-0 worker (a diverged run included)
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
+def state_dir() -> Path:
+    """Where runs keep local state (Ray results by default): ``$METAPREP_STATE_DIR`` or ``~/.metaprep``."""
+    return Path(os.environ.get("METAPREP_STATE_DIR") or Path.home() / ".metaprep")
+
+
+def storage_root(cfg: MetaTrainConfig) -> Path:
+    """The Ray storage path of ``cfg``'s runs: ``checkpoint.storage_path`` or the state folder's ``ray_results``."""
+    return Path(cfg.checkpoint.storage_path or state_dir() / "ray_results").resolve()
+
+
+def new_run_name(prefix: str) -> str:
+    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+def check_inputs(cfg: MetaTrainConfig) -> tuple[Any, str]:
+    """Load the task split and build the model once on the driver, so bad data or a bad model fails here
+    with one line instead of in a worker. Returns the split and the data fingerprint (registry lineage)."""
+    from metaprep.meta.build import build_learner, build_meta_model
+    from metaprep.tasks.base import fingerprint
+    from metaprep.train.loop import load_split
+
+    split = load_split(cfg)
+    model, _ = build_meta_model(cfg)
+    build_learner(cfg, model, num_train_tasks=len(split.train))  # the algorithm's own state (Meta-LoRA adapters)
+    return split, fingerprint(split.train + split.val + split.test)
+
+
+def init_ray(log_to_driver: bool) -> None:
+    """Connect to ``$RAY_ADDRESS`` (or start a local Ray) unless connected; workers import ``service/``."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    try:
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=log_to_driver, runtime_env={"env_vars": {
+            "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+            # MLflow's telemetry thread edits os.environ while request threads read it (a KeyError
+            # '_MLFLOW_TELEMETRY_SESSION_ID' failed a trial's log_batch); it has no network here anyway.
+            "MLFLOW_DISABLE_TELEMETRY": os.environ.get("MLFLOW_DISABLE_TELEMETRY", "true")}})
+    except ConnectionError as exc:
+        raise MetaprepError(f"cannot connect to the Ray cluster ({str(exc).splitlines()[0]}); start it with "
+                            f"`make up` or set RAY_ADDRESS") from None
+
+
+@dataclass
+class TrainingRun:
+    """One Ray Train run (``storage/name``) and the MLflow run its workers log into."""
+
+    cfg: MetaTrainConfig
+    name: str
+    storage: Path
+    uri: str
+    run_id: str
+    client: Any  # metaprep.registry.client.RetryingClient
+
+    @property
+    def folder(self) -> Path:
+        return self.storage / self.name
+
+
+def start_run(cfg: MetaTrainConfig, uri: str, name: str, storage: Path, *, experiment_id: str | None = None,
+              run_name: str | None = None, tags: dict[str, str] | None = None) -> TrainingRun:
+    """Create the MLflow run of a new training run (``experiment_id``: default ``cfg.tracking.experiment``),
+    log the whole configuration as params and record the run id next to the Ray run (for ``--resume``)."""
+    from metaprep.registry.client import experiment_id as find_experiment
+    from metaprep.registry.client import log_params, mlflow_client
+
+    client = mlflow_client(uri)
+    experiment_id = experiment_id or find_experiment(uri, cfg.tracking.experiment)
+    run_id = client.create_run(experiment_id, run_name=run_name or name, tags={
+        "algorithm": cfg.algorithm, "ray_run_name": name, **(tags or {})}).info.run_id
+    log_params(client, run_id, flatten(dataclasses.asdict(cfg)))
+    run = TrainingRun(cfg, name, storage, uri, run_id, client)
+    run.folder.mkdir(parents=True, exist_ok=True)
+    (run.folder / RUN_FILE).write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}))
+    return run
+
+
+def reopen_run(cfg: MetaTrainConfig, uri: str, name: str, storage: Path) -> TrainingRun:
+    """The stopped run ``name`` under ``storage``, to continue from its latest checkpoint."""
+    from metaprep.registry.client import mlflow_client
+
+    run_file = storage / name / RUN_FILE
+    if not run_file.exists():
+        raise MetaprepError(f"--resume {name}: no such run under {storage} (run names are printed at start "
+                            f"and stored in the summary JSON)")
+    return TrainingRun(cfg, name, storage, uri, json.loads(run_file.read_text())["run_id"], mlflow_client(uri))
+
+
+@dataclass
+class FitResult:
+    final: dict  # the worker loop's final metrics (meta_steps, meta_val_loss_start/_end/_curve, diverged_at)
+    export: str | None  # the final checkpoint: the exported base/ and controller/ (None when diverged)
+
+    @property
+    def diverged(self) -> bool:
+        # only a completed run reports meta_val_loss_end; a diverged one reports where it stopped
+        return "meta_val_loss_end" not in self.final or self.final.get("diverged_at") is not None
+
+
+def divergence(cfg: MetaTrainConfig, step: Any) -> str:
+    """What went wrong in a diverged run, in one line."""
+    return (f"meta-loss became NaN/inf at meta-step {step} (meta.inner_lr={cfg.meta.inner_lr}, "
+            f"meta.outer_lr={cfg.meta.outer_lr})")
+
+
+def fit(run: TrainingRun, callbacks: Sequence[Any] = ()) -> FitResult:
+    """Build the Ray Train trainer of ``run`` (``callbacks`` added to its RunConfig) and fit it.
+
+    If the fit raises, the MLflow run is marked ``FAILED`` and the error re-raised.
+    """
+    from metaprep.train.ray_job import build_trainer
+
+    status_file = run.folder / STATUS_FILE
+    status_file.unlink(missing_ok=True)
+    trainer = build_trainer(run.cfg, run.name, str(run.storage), {"uri": run.uri, "run_id": run.run_id},
+                            str(status_file))
+    trainer.run_config.callbacks.extend(callbacks)
+    try:
+        ray_result = trainer.fit()
+    except BaseException:
+        run.client.set_terminated(run.run_id, "FAILED")
+        raise
+    # Ray returns the metrics of the last *checkpointed* report, and a diverged run's final report has no
+    # checkpoint: the rank-0 worker's status file has them (when it ran on this node)
+    final = json.loads(status_file.read_text()) if status_file.exists() else dict(ray_result.metrics or {})
+    result = FitResult(final, None)
+    if not result.diverged and ray_result.checkpoint is not None:
+        result.export = ray_result.checkpoint.path
+    return result
+
+
+def user_error(exc: BaseException) -> MetaprepError | None:
+    """Find a MetaprepError raised inside a Ray worker (wrapped in Ray's exception types)."""
+    seen = set()
+    stack = [exc]
+    while stack:
+        e = stack.pop()
+        if id(e) in seen or e is None:
+            continue
+        seen.add(id(e))
+        if isinstance(e, MetaprepError):
+            return e
+        for attr in ("cause", "__cause__", "__context__"):
+            stack.append(getattr(e, attr, None))
+        stack.extend(getattr(e, "worker_failures", {}).values() if hasattr(e, "worker_failures") else [])
+    return None
+
+
+def launch_meta_training(cfg: MetaTrainConfig, *, resume: str | None = None,
+                         log: Callable[[str], None] = _say) -> dict:
+    """Meta-train ``cfg`` on Ray Train, tracked in MLflow, and register ``NAME-base`` / ``NAME-controller``
+    (alias ``candidate``) when ``cfg.registry.register``. Returns the run summary.
+
+    ``resume``: the name of a stopped run, continued from its latest checkpoint into the same MLflow run.
+    A worker's user error (bad data, failed checkpoint write) is raised as that one-line error; a run whose
+    loss became NaN/inf raises :class:`TrainingDivergedError` and registers nothing.
+    """
+    from metaprep.registry.tracking import reachable_tracking_uri
+
+    t0 = time.perf_counter()
+    uri = reachable_tracking_uri(cfg.tracking.uri)  # fail in seconds, before any training
+    _, data_fp = check_inputs(cfg)
+    storage = storage_root(cfg)
+    if resume:
+        run = reopen_run(cfg, uri, resume, storage)
+    else:
+        run = start_run(cfg, uri, new_run_name(cfg.registry.name), storage)
+    log(f"metaprep: run {run.name} (MLflow run {run.run_id}) -> {uri}")
+    init_ray(log_to_driver=True)
+    try:
+        result = fit(run)
+    except Exception as exc:  # Ray wraps worker errors; surface the user-facing cause as one line
+        cause = user_error(exc)
+        if cause is not None:
+            raise cause from None
+        raise
+    final = result.final
+    if result.diverged:
+        run.client.set_terminated(run.run_id, "FAILED")
+        raise TrainingDivergedError(f"{divergence(cfg, final.get('diverged_at'))}; lower the learning rates. "
+                                    f"Nothing was registered.")
+    summary = {"run_id": run.run_id, "run_name": run.name, "meta_steps": final["meta_steps"],
+               "meta_val_loss_start": final["meta_val_loss_start"], "meta_val_loss_end": final["meta_val_loss_end"],
+               "meta_val_curve": final["meta_val_curve"], "algorithm": cfg.algorithm,
+               "reparam": cfg.reparam.kind, "data_fingerprint": data_fp}
+    config = dataclasses.asdict(cfg)
+    run.client.log_dict(run.run_id, config, "config.json")
+    if cfg.registry.register:
+        from metaprep.registry.register import register_prepared
+
+        uris = register_prepared(uri, run.run_id, Path(result.export), cfg, final, data_fp, json.dumps(config))
+        summary.update(base_uri=uris["base"], controller_uri=uris["controller"],
+                       base_version=uris["base_version"], controller_version=uris["controller_version"])
+    summary["wall_s"] = round(time.perf_counter() - t0, 2)
+    run.client.log_metric(run.run_id, "wall_s", summary["wall_s"])
+    run.client.set_terminated(run.run_id, "FINISHED")
+    return summary
