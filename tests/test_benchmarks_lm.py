@@ -239,7 +239,7 @@ def _recipe(tmp_path: Path, edit) -> Path:
     (lambda t: t.replace("  seq_len: 32", "  seq_len: long"), True, r"r\.yaml:\d+: seq_len: expected int, got 'long'"),
     (lambda t: t.replace("  meta_steps: 40", "  meta_steps: 0"), False, r"r\.yaml:\d+: meta_steps: must be >= 1"),
     (lambda t: t.replace("[finetune, mltd]", "[finetune, mltdd]"), True,
-     r"r\.yaml:\d+: methods: must be registered algorithms \(.*\) including finetune"),
+     r"r\.yaml:\d+: methods: must be registered algorithms \(.*\).* including finetune"),
     (lambda t: t.replace("  methods: [finetune, multitask, mltd]", "  methods: [mltd]"), False, None),
     (lambda t: t.replace("tarp_kind: tarp_bilinear", "tarp_kind: lora"), False, r"tarp_kind: must be a TARP kind"),
     (lambda t: t.replace("quick:", "quik:"), False, r"r\.yaml:\d+: unknown section 'quik'"),

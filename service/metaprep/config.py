@@ -8,6 +8,7 @@ values raise :class:`ConfigError` with ``file:line``, the dotted key and what is
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -123,6 +124,11 @@ class MetaConfig:
     freeze_base: bool = _help("meta-learn only the difference (TARP/TAMS), keep the base frozen", False)
     second_order: bool = _help("differentiate through the inner loop, for algorithms where it is optional "
                                "(mltd, mltd_tarp; maml always does)", False)
+    support_weight: float = _help("λ of the outer objective L_query(φ_t) + λ·L_support(θ): the episodic "
+                                  "algorithms also learn from the support tokens at the init, as multitask "
+                                  "does (0 = the papers' objective)", 0.0)
+    warm_start_steps: int = _help("first meta-steps that optimise the multitask objective (pooled support + "
+                                  "query, no fast weights) before meta-learning starts (0 = none)", 0)
     eval_every: int = _help("meta-steps between meta-validation evaluations", 20)
     eval_tasks: int = _help("meta-val tasks per evaluation", 8)
     grad_clip: float = _help("clip the meta-gradient norm (0 disables)", 1.0)
@@ -201,6 +207,9 @@ class MetaTrainConfig:
         _at_least("meta.meta_batch_size", self.meta.meta_batch_size, 1)
         _at_least("meta.meta_steps", self.meta.meta_steps, 1)
         _at_least("meta.eval_every", self.meta.eval_every, 1)
+        _at_least("meta.warm_start_steps", self.meta.warm_start_steps, 0)
+        if not (math.isfinite(self.meta.support_weight) and self.meta.support_weight >= 0):
+            raise ConfigError(f"meta.support_weight: must be a finite number >= 0, got {self.meta.support_weight}")
         _at_least("meta.eval_tasks", self.meta.eval_tasks, 1)
         _at_least("reparam.rank", self.reparam.rank, 1)
         _at_least("reparam.kronecker_blocks", self.reparam.kronecker_blocks, 1)
@@ -229,6 +238,12 @@ class MetaTrainConfig:
             tarp = ", ".join(k for k, v in REPARAM_KINDS.items() if v.tarp)
             raise ConfigError(f"reparam.kind: algorithm {self.algorithm} needs a TARP kind ({tarp}), "
                               f"got {self.reparam.kind}")
+        if self.meta.support_weight > 0 and not spec.episodic:
+            raise ConfigError(f"meta.support_weight: only the episodic algorithms use it "
+                              f"({', '.join(algorithm_names(episodic=True))}), got algorithm {self.algorithm!r}")
+        if self.meta.warm_start_steps >= self.meta.meta_steps or (self.meta.warm_start_steps and not spec.meta_trains):
+            raise ConfigError(f"meta.warm_start_steps: must be < meta.meta_steps ({self.meta.meta_steps}) and 0 for "
+                              f"algorithms that do not meta-train, got {self.meta.warm_start_steps}")
         from metaprep.tasks.families import ENCODER_FAMILIES
 
         if self.tasks.family in ENCODER_FAMILIES and not spec.encoder_ok:

@@ -33,9 +33,9 @@ from pathlib import Path
 
 import torch
 
-from metaprep.bench.protocol import Protocol, protocol_for
+from metaprep.bench.protocol import Protocol, protocol_for, split_method
 from metaprep.bench.report import mean_or_nan
-from metaprep.config import MetaTrainConfig, TasksConfig
+from metaprep.config import MetaTrainConfig, TasksConfig, apply_overrides, from_dict, to_dict
 from metaprep.errors import ConfigError, DataError
 from metaprep.meta.adapt import adapt
 from metaprep.meta.algorithm import ALGORITHMS
@@ -93,6 +93,9 @@ Hook = Callable[..., dict[str, list[float]]]
 
 
 def make_config(method: str, seed: int, proto: Protocol, fold: Fold, model_path: str) -> MetaTrainConfig:
+    """The method's meta-training config: the protocol's budget, then the method's own ``+KEY=VALUE``
+    overrides (:func:`~metaprep.bench.protocol.split_method`)."""
+    method, overrides = split_method(method)
     cfg = MetaTrainConfig(algorithm=method, seed=seed)
     cfg.model.path = model_path
     for key, value in fold.tasks.items():
@@ -107,13 +110,15 @@ def make_config(method: str, seed: int, proto: Protocol, fold: Fold, model_path:
     m.meta_batch_size, m.meta_steps = proto.meta_batch_size, proto.meta_steps
     m.eval_every, m.eval_tasks = proto.meta_steps, 2  # the harness does its own meta-val evaluation
     cfg.distributed.precision, cfg.distributed.torch_threads = proto.precision, proto.threads
+    if overrides:
+        cfg = from_dict(MetaTrainConfig, apply_overrides(to_dict(cfg), overrides), source=f"method {method}")
     return cfg.validate()
 
 
 def prepare(method: str, seed: int, proto: Protocol, fold: Fold, model_path: str):
     """The model a method adapts from: meta-trained, or the wrapped pretrained base for ``finetune``."""
     cfg = make_config(method, seed, proto, fold, model_path)
-    if not ALGORITHMS[method].meta_trains:  # finetune: the pretrained base with a fresh LoRA per task
+    if not ALGORITHMS[cfg.algorithm].meta_trains:  # finetune: the pretrained base with a fresh LoRA per task
         torch.manual_seed(seed)
         model, loaded = build_meta_model(cfg)
         return model, loaded.tokenizer, {}

@@ -94,8 +94,8 @@ class Protocol:
         tarp = [name for name, kind in REPARAM_KINDS.items() if kind.tarp]
         need("tarp_kind", self.tarp_kind in tarp, f"must be a TARP kind ({', '.join(tarp)})")
         need("methods", valid_methods(self.methods),
-             f"must be registered algorithms ({', '.join(ALGORITHMS)}) including {REFERENCE} "
-             f"(the reference of steps_to_match)")
+             f"must be registered algorithms ({', '.join(ALGORITHMS)}), optionally ALGO+KEY=VALUE variants, "
+             f"each once, including {REFERENCE} (the reference of steps_to_match)")
         return self
 
 
@@ -103,9 +103,37 @@ def _finite_positive(value: float) -> bool:
     return math.isfinite(value) and value > 0
 
 
+def split_method(method: str) -> tuple[str, list[str]]:
+    """A method is an algorithm name, optionally with config overrides: ``ALGO+KEY=VALUE+...``
+    (e.g. ``mltd+meta.inner_steps=5+meta.support_weight=1``), so variants of one algorithm are
+    compared paired, on the same episodes, in one run. Returns (algorithm, overrides)."""
+    algorithm, *overrides = method.split("+")
+    return algorithm.strip(), [o.strip() for o in overrides]
+
+
+def method_config_error(method: str) -> str | None:
+    """Why ``method`` is not a valid method, or None (the overrides are checked as config keys)."""
+    from metaprep.config import MetaTrainConfig, load_config
+
+    algorithm, overrides = split_method(method)
+    if algorithm not in ALGORITHMS:
+        return f"unknown algorithm {algorithm!r}"
+    from metaprep.reparam.kinds import REPARAM_KINDS
+
+    kind = next(k for k, v in REPARAM_KINDS.items() if v.tarp == ALGORITHMS[algorithm].needs_tarp)
+    try:  # the harness sets the reparam kind and budget; the overrides are checked on top
+        load_config(MetaTrainConfig, None, [f"algorithm={algorithm}", f"reparam.kind={kind}",
+                                            "meta.meta_steps=1000000", *overrides])
+    except ConfigError as exc:
+        return f"{method}: {exc}"
+    return None
+
+
 def valid_methods(methods: tuple[str, ...]) -> bool:
-    """Registered algorithms, finetune (the reference of steps_to_match) among them."""
-    return all(m in ALGORITHMS for m in methods) and REFERENCE in methods
+    """Registered algorithms (optionally ``+KEY=VALUE`` variants), finetune (the reference of
+    steps_to_match) among them, no method twice."""
+    return (all(method_config_error(m) is None for m in methods) and REFERENCE in methods
+            and len(set(methods)) == len(methods))
 
 
 # from_dict builds list fields; Protocol is frozen with tuples: read it through a twin with lists
@@ -170,7 +198,9 @@ def parse_methods(listed: str, source: str = "--methods") -> tuple[str, ...]:
     """A comma-separated method list of registered algorithms; it must include finetune."""
     chosen = tuple(m.strip() for m in listed.split(",") if m.strip())
     if not valid_methods(chosen):
-        raise ConfigError(f"{source}: {listed!r}; expected a comma-separated subset of {', '.join(ALGORITHMS)} "
+        bad = next((e for e in map(method_config_error, chosen) if e), None)
+        raise ConfigError(f"{source}: {listed!r}{f' ({bad})' if bad else ''}; expected a comma-separated subset "
+                          f"of {', '.join(ALGORITHMS)} (each optionally ALGO+KEY=VALUE+...), each once, "
                           f"that includes {REFERENCE} (the reference of steps_to_match)")
     return chosen
 

@@ -36,12 +36,16 @@ class MetaAlgorithm(nn.Module):
     meta_trains: ClassVar[bool] = True  # False: no outer updates (direct finetuning)
     second_order: ClassVar[str] = "never"  # "never" | "optional" (meta.second_order) | "always"
     encoder_ok: ClassVar[bool] = False  # runs on the convai2_mc sentence-encoder scorer
+    episodic: ClassVar[bool] = False  # adapt on support, loss on query (MAML family): meta.support_weight applies
 
-    def __init__(self, inner: InnerLoopSpec, create_graph: bool = False, tau: TauSchedule | None = None) -> None:
+    def __init__(self, inner: InnerLoopSpec, create_graph: bool = False, tau: TauSchedule | None = None,
+                 support_weight: float = 0.0, warm_start_steps: int = 0) -> None:
         super().__init__()
         self.inner = inner
         self.create_graph = create_graph
         self.tau = tau or TauSchedule()
+        self.support_weight = support_weight
+        self.warm_start_steps = warm_start_steps
 
     @classmethod
     def uses_second_order(cls, requested: bool) -> bool:
@@ -54,7 +58,16 @@ class MetaAlgorithm(nn.Module):
         m, s = cfg.meta, cfg.search
         return cls(InnerLoopSpec(m.inner_steps, m.inner_lr, m.inner_optimizer),
                    create_graph=cls.uses_second_order(m.second_order),
-                   tau=TauSchedule(s.tau_start, s.tau_end, m.meta_steps))
+                   tau=TauSchedule(s.tau_start, s.tau_end, m.meta_steps),
+                   support_weight=m.support_weight, warm_start_steps=m.warm_start_steps)
+
+    def objective(self, model, support: TaskBatch, query: TaskBatch, step: int) -> tuple[torch.Tensor, dict]:
+        """What a meta-step minimises: the multitask loss for the first ``warm_start_steps`` steps
+        (``meta.warm_start_steps``), then :meth:`meta_loss`."""
+        if step < self.warm_start_steps:
+            losses = model.task_losses(support.concat(query), None, None)
+            return losses, {"query_loss": float(losses.detach().mean())}
+        return self.meta_loss(model, support, query, step)
 
     def meta_loss(self, model, support: TaskBatch, query: TaskBatch, step: int) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError

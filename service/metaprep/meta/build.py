@@ -32,7 +32,7 @@ class MetaLearner(nn.Module):
         self.algorithm = algorithm
 
     def forward(self, support: TaskBatch, query: TaskBatch, step: int) -> tuple[torch.Tensor, dict]:
-        return self.algorithm.meta_loss(self.model, support, query, step)
+        return self.algorithm.objective(self.model, support, query, step)
 
 
 def load_for_family(cfg: MetaTrainConfig) -> LoadedModel:

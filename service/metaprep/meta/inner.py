@@ -49,11 +49,13 @@ def detached(fast: FastWeights) -> FastWeights:
 
 def inner_loop(model, support: TaskBatch, fast: FastWeights, arch: torch.Tensor | None, steps: int, lr: float,
                optimizer: str = "sgd", create_graph: bool = False,
-               on_step: Callable[[FastWeights], None] | None = None) -> tuple[FastWeights, list[torch.Tensor]]:
+               on_step: Callable[[FastWeights], None] | None = None,
+               keep_first: bool = False) -> tuple[FastWeights, list[torch.Tensor]]:
     """``steps`` updates of ``fast`` on ``support``; returns the adapted weights and per-step losses (T,).
 
     ``on_step`` sees the weights after every update (adaptation curves). Factors the model declares
     meta-only (``model.fast_init.meta_only``, e.g. TAMS projections) are read but not updated.
+    ``keep_first``: the first loss (at the init) is returned with its graph, for an outer term on it.
     """
     keys, params = flatten_fast(fast)
     slow = {i for i, key in enumerate(keys) if key in model.fast_init.meta_only}
@@ -61,9 +63,11 @@ def inner_loop(model, support: TaskBatch, fast: FastWeights, arch: torch.Tensor 
     losses = []
     for step in range(1, steps + 1):
         loss = model.task_losses(support, unflatten_fast(keys, params), arch)
-        losses.append(loss.detach())
+        keep = keep_first and step == 1
+        losses.append(loss if keep else loss.detach())
         adapted = [p for i, p in enumerate(params) if i not in slow]
-        grad_iter = iter(torch.autograd.grad(loss.sum(), adapted, create_graph=create_graph, allow_unused=True))
+        grad_iter = iter(torch.autograd.grad(loss.sum(), adapted, create_graph=create_graph, allow_unused=True,
+                                             retain_graph=create_graph or keep))
         grads = [torch.zeros_like(p) if i in slow else next(grad_iter) for i, p in enumerate(params)]
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
         if moments is None:
@@ -85,16 +89,22 @@ def inner_loop(model, support: TaskBatch, fast: FastWeights, arch: torch.Tensor 
 
 
 def adapt_then_query(model, support: TaskBatch, query: TaskBatch, step: int, inner: InnerLoopSpec,
-                     tau: TauSchedule, create_graph: bool) -> tuple[torch.Tensor, dict]:
+                     tau: TauSchedule, create_graph: bool, support_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
     """The MAML-family episode (MAML, FOMAML, MLtD): architecture, inner loop on support, loss on query.
 
     ``create_graph`` keeps the inner updates differentiable (second order, Finn et al. 2017 eq. 1).
+    ``support_weight`` λ > 0 adds λ·L_support at the init (before adaptation) to each task's outer loss,
+    so the slow weights also learn from the support tokens, which multitask retraining reads and the
+    papers' objective does not (``meta.support_weight``).
     """
     t = tau.at(step)
     arch = model.architecture(support, tau=t, sample=True)
     fast = model.fast_init(support.num_tasks)
     fast, support_losses = inner_loop(model, support, fast, arch, inner.steps, inner.lr, inner.optimizer,
-                                      create_graph=create_graph)
+                                      create_graph=create_graph, keep_first=support_weight > 0)
     query_losses = model.task_losses(query, fast, arch)
-    return query_losses, {"support_loss_before": float(support_losses[0].mean()),
-                          "query_loss": float(query_losses.detach().mean()), "tau": t}
+    metrics = {"support_loss_before": float(support_losses[0].detach().mean()),
+               "query_loss": float(query_losses.detach().mean()), "tau": t}
+    if support_weight > 0:
+        return query_losses + support_weight * support_losses[0], metrics
+    return query_losses, metrics

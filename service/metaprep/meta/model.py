@@ -63,18 +63,8 @@ class MetaModel(nn.Module):
     def task_losses(self, batch: TaskBatch, fast: FastWeights | None, arch: torch.Tensor | None = None,
                     ) -> torch.Tensor:
         """Mean next-token loss on target tokens, per task: shape (T,). One forward for all tasks."""
-        t, n, length = batch.input_ids.shape
-        with self.ctx.use(fast, arch, t):
-            out = self.lm(input_ids=batch.input_ids.reshape(t * n, length),
-                          attention_mask=batch.attention_mask.reshape(t * n, length), use_cache=False)
-        logits = out.logits[:, :-1]
-        if logits.dtype in (torch.bfloat16, torch.float16):  # CE in fp32 under autocast
-            logits = logits.float()
-        labels = batch.labels.reshape(t * n, length)[:, 1:]
-        tok = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                              ignore_index=-100, reduction="none").view(t, -1)
-        count = (labels != -100).view(t, -1).sum(1).clamp_min(1)
-        return tok.sum(1) / count
+        with self.ctx.use(fast, arch, batch.num_tasks):
+            return lm_task_losses(self.lm, batch)
 
     def task_embedding(self, batch: TaskBatch) -> torch.Tensor:
         """z: mean input embedding of the support set (MLtD), or a precomputed encoder embedding."""
@@ -88,3 +78,17 @@ class MetaModel(nn.Module):
         if self.controller is None:
             return None
         return self.controller(self.task_embedding(support), tau=tau, sample=sample, noise_seeds=support.noise_seeds)
+
+
+def lm_task_losses(lm: nn.Module, batch: TaskBatch) -> torch.Tensor:
+    """Per-task mean next-token loss on target tokens, (T,), of a causal LM on a (T, n, L) batch."""
+    t, n, length = batch.input_ids.shape
+    out = lm(input_ids=batch.input_ids.reshape(t * n, length),
+             attention_mask=batch.attention_mask.reshape(t * n, length), use_cache=False)
+    logits = out.logits[:, :-1]
+    if logits.dtype in (torch.bfloat16, torch.float16):  # CE in fp32 under autocast
+        logits = logits.float()
+    labels = batch.labels.reshape(t * n, length)[:, 1:]
+    tok = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                          ignore_index=-100, reduction="none").view(t, -1)
+    return tok.sum(1) / (labels != -100).view(t, -1).sum(1).clamp_min(1)

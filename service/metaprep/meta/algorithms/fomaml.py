@@ -14,6 +14,8 @@ from metaprep.meta.inner import adapt_then_query
 @register
 class FOMAML(MetaAlgorithm):
     name = "fomaml"
+    episodic = True
 
     def meta_loss(self, model, support, query, step):
-        return adapt_then_query(model, support, query, step, self.inner, self.tau, create_graph=False)
+        return adapt_then_query(model, support, query, step, self.inner, self.tau, create_graph=False,
+                                support_weight=self.support_weight)

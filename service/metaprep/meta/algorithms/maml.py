@@ -16,7 +16,9 @@ from metaprep.meta.inner import adapt_then_query
 @register
 class MAML(MetaAlgorithm):
     name = "maml"
+    episodic = True
     second_order = "always"
 
     def meta_loss(self, model, support, query, step):
-        return adapt_then_query(model, support, query, step, self.inner, self.tau, create_graph=True)
+        return adapt_then_query(model, support, query, step, self.inner, self.tau, create_graph=True,
+                                support_weight=self.support_weight)

@@ -59,15 +59,16 @@ class MetaLoRA(MetaAlgorithm):
     trains_fast_init = False
     encoder_ok = True
 
-    def __init__(self, inner: InnerLoopSpec, adapters: AdapterTable) -> None:
-        super().__init__(inner)
+    def __init__(self, inner: InnerLoopSpec, adapters: AdapterTable, warm_start_steps: int = 0) -> None:
+        super().__init__(inner, warm_start_steps=warm_start_steps)
         self.adapters = adapters
 
     @classmethod
     def from_config(cls, cfg, model, num_train_tasks):
         m = cfg.meta
         return cls(InnerLoopSpec(m.inner_steps, m.inner_lr, m.inner_optimizer),
-                   AdapterTable(model.fast_init, max(num_train_tasks, 1), seed=cfg.seed + 3))
+                   AdapterTable(model.fast_init, max(num_train_tasks, 1), seed=cfg.seed + 3),
+                   warm_start_steps=m.warm_start_steps)
 
     def meta_loss(self, model, support, query, step):
         inner = self.inner

@@ -18,11 +18,13 @@ from metaprep.meta.inner import adapt_then_query
 @register
 class MLtDTARP(MetaAlgorithm):
     name = "mltd_tarp"
+    episodic = True
     needs_tarp = True
     second_order = "optional"
 
     def meta_loss(self, model, support, query, step):
-        return adapt_then_query(model, support, query, step, self.inner, self.tau, self.create_graph)
+        return adapt_then_query(model, support, query, step, self.inner, self.tau, self.create_graph,
+                                self.support_weight)
 
 
 @register

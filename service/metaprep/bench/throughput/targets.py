@@ -1,0 +1,163 @@
+"""The issue's targets: value, goal, met; profiles of the configurations behind a missed one, and why it is missed."""
+
+from __future__ import annotations
+
+import gc
+
+from metaprep.bench.throughput.plan import META_BATCH, TARGETS, ModelPlan, Plan, log, meta_config
+from metaprep.bench.throughput.setup import Setup
+from metaprep.bench.throughput.tables import find, fmt, ratio
+from metaprep.bench.throughput.timing import profile_step
+from metaprep.models.base import load_base_model
+
+
+def evaluate_targets(report: dict) -> dict:
+    """The issue's targets: value, target, met, and an explanation (from the run's own numbers) when missed."""
+    configs, labels = report["configs"], [m["label"] for m in report["plan"]["models"]]
+    small, large = labels[0], (labels[-1] if len(labels) > 1 else None)
+
+    def tps(model, algorithm, method, precision="fp32", meta_batch=META_BATCH):
+        c = find(configs, model, algorithm, method, precision, meta_batch)
+        return c.get("tasks_per_s") if c else None
+
+    def target(name: str, model: str | None, values: dict, higher_is_better: bool = True) -> dict:
+        values = {k: v for k, v in values.items() if v is not None}
+        goal = TARGETS[name]
+        if not values:
+            return {"model": model, "target": goal, "value": None, "met": None, "by_algorithm": {}}
+        worst = min(values.values()) if higher_is_better else max(values.values())
+        met = worst >= goal if higher_is_better else worst <= goal
+        return {"model": model, "target": goal, "value": worst, "met": met, "by_algorithm": values}
+
+    algos = report["plan"]["algorithms"]
+    out = {
+        "batched_vs_sequential": target("batched_vs_sequential", small, {
+            a: ratio(tps(small, a, "batched"), tps(small, a, "sequential")) for a in algos}),
+        "batched_vs_higher": target("batched_vs_higher", small, {
+            a: ratio(tps(small, a, "batched"), tps(small, a, "higher")) for a in algos}),
+    }
+    if large:
+        pair = report["plan"]["models"][-1]["bf16_meta_batch"]
+        out["bf16_vs_fp32"] = target("bf16_vs_fp32", large, {
+            a: ratio(tps(large, a, "batched", "bf16", pair), tps(large, a, "batched", "fp32", pair)) for a in algos})
+        out["bf16_vs_fp32"]["meta_batch"] = pair
+        out["mfu_fp32"] = target("mfu_fp32", large, {
+            a: (find(configs, large, a, "batched", "fp32") or {}).get("mfu") for a in algos})
+    fw = report["framework"]
+    ray1 = next((e for e in fw.get("launches", []) if e["launcher"] == "ray_train" and e["workers"] == 1), None)
+    if ray1 is not None:
+        out["ray_deepspeed_overhead"] = target("ray_deepspeed_overhead", fw["model"],
+                                               {"fomaml": ray1.get("overhead_vs_plain_torch")},
+                                               higher_is_better=False)
+    return out
+
+
+def _worst(target: dict, higher_is_better: bool = True) -> str:
+    values = target["by_algorithm"]
+    return (min if higher_is_better else max)(values, key=values.get) if values else "fomaml"
+
+
+def profile_key(model: str, algorithm: str, method: str, precision: str, meta_batch: int = META_BATCH) -> str:
+    return f"{model}/{algorithm}/{method}/{precision}/T={meta_batch}"
+
+
+def profile_for_targets(plan: Plan, targets: dict) -> dict:
+    """torch.profiler summaries of the configurations behind each missed target (fomaml, or the worst algorithm)."""
+    small, large = plan.models[0], plan.models[-1]
+    wanted: list[tuple[ModelPlan, str, str, str, int]] = []
+    for name, t in targets.items():
+        if t["met"] is not False:
+            continue
+        if name == "bf16_vs_fp32":
+            pair = large.bf16_meta_batch
+            wanted += [(large, "fomaml", "batched", "fp32", pair), (large, "fomaml", "batched", "bf16", pair)]
+        elif name == "mfu_fp32":
+            wanted.append((large, "fomaml", "batched", "fp32", META_BATCH))
+        elif name in ("batched_vs_sequential", "batched_vs_higher"):
+            other = "sequential" if name == "batched_vs_sequential" else "higher"
+            wanted += [(small, _worst(t), "batched", "fp32", META_BATCH), (small, _worst(t), other, "fp32", META_BATCH)]
+    out: dict[str, dict] = {}
+    for model in {w[0].label: w[0] for w in wanted}.values():
+        base = load_base_model(meta_config(model, "fomaml", 1).model)
+        for algorithm in dict.fromkeys(w[1] for w in wanted if w[0].label == model.label):
+            setup = Setup(model, algorithm, plan.inner_steps, base)
+            for method, precision, meta_batch in dict.fromkeys(
+                    w[2:] for w in wanted if w[0].label == model.label and w[1] == algorithm):
+                key = profile_key(model.label, algorithm, method, precision, meta_batch)
+                if key in out:
+                    continue
+                log(f"profile {key}")
+                job = setup if meta_batch == META_BATCH else setup.subset(meta_batch)
+                if precision == "fp32":
+                    getattr(job, method)(precision)  # warm-up (bf16 steps are long: the fp32 one warmed the model)
+                out[key] = profile_step(lambda s=job, m=method, p=precision: getattr(s, m)(p))
+            del setup
+            gc.collect()
+        del base
+        gc.collect()
+    return out
+
+
+def explain(name: str, report: dict) -> str:
+    peak, machine, profiles = report["peak"], report["machine"], report["profiles"]
+    labels = [m["label"] for m in report["plan"]["models"]]
+    large = labels[-1]
+    if name == "bf16_vs_fp32":
+        lin = machine.get("linear_gflops", {}).get(large, {})
+        pair = report["plan"]["models"][-1]["bf16_meta_batch"]
+        prof = profiles.get(profile_key(large, "fomaml", "batched", "bf16", pair), {})
+        instr = ", ".join(machine["bf16_instructions"]) or "none"
+        cpu = (f"{machine['cpu']}; bf16 instructions: {instr}; torch CPU capability {machine['cpu_capability']}")
+        kernels = (f"the measured torch.mm peak is {peak['bf16_gflops']:.1f} GFLOP/s in bf16 vs "
+                   f"{peak['fp32_gflops']:.1f} in fp32, and F.linear at the model's FFN shape {lin.get('shape')} runs "
+                   f"at {fmt(lin.get('bf16_autocast'), '.1f')} GFLOP/s under bf16 autocast vs "
+                   f"{fmt(lin.get('fp32'), '.1f')} in fp32")
+        step = (f"Profile of the bf16 meta-step: {fmt(prof.get('matmul_share'), '.0%')} of op time in matmuls at "
+                f"{fmt(prof.get('matmul_gflops'), '.1f')} GFLOP/s, {fmt(prof.get('copy_cast_share'), '.0%')} in "
+                f"casts/copies")
+        fp32 = profiles.get(profile_key(large, "fomaml", "batched", "fp32", pair), {})
+        share, fast, slow = fp32.get("matmul_share"), lin.get("bf16_autocast"), lin.get("fp32")
+        if fast and slow and fast > 1.5 * slow:  # native bf16 GEMMs: the step is bounded by what bf16 does not speed up
+            bound = 1 / ((1 - share) + share * slow / fast) if share else None
+            return (f"bf16 GEMMs are fast on this CPU ({cpu}): {kernels}. The meta-step still gains only "
+                    f"{report['targets'][name]['value']:.2f}x: in fp32 matmuls are {fmt(share, '.0%')} of its op "
+                    f"time, so even with every matmul at the bf16 F.linear speed the step is bounded by Amdahl at "
+                    f"{fmt(bound, '.2f')}x; the rest (RMSNorm, SiLU, RoPE, the 49k-vocabulary softmax/cross-entropy "
+                    f"that autocast keeps in fp32, the fast-weight products, AdamW) does not speed up, and autocast "
+                    f"adds fp32<->bf16 casts. {step}. Closing it needs a larger share of time in big matmuls (longer "
+                    f"sequences, larger meta-batches than fit in this budget) or a GPU.")
+        return (f"bf16 is not faster than fp32 on this CPU ({cpu}): {kernels}. Without native bf16 GEMMs "
+                f"(AVX512-BF16/AMX) the bf16 path converts operands and accumulates in fp32, and autocast adds "
+                f"fp32<->bf16 casts. {step}. The 2x target needs a CPU with native bf16 or a GPU.")
+    if name == "mfu_fp32":
+        lin = machine.get("linear_gflops", {}).get(large, {})
+        prof = profiles.get(profile_key(large, "fomaml", "batched", "fp32"), {})
+        share, mm = prof.get("matmul_share"), prof.get("matmul_gflops")
+        bound = share * mm / peak["fp32_gflops"] if share and mm else None
+        return (f"Profile of the {large} fomaml fp32 meta-step: matmuls take {fmt(share, '.0%')} of op time and run "
+                f"at {fmt(mm, '.1f')} GFLOP/s ({fmt(mm / peak['fp32_gflops'] if mm else None, '.0%')} of the "
+                f"{peak['fp32_gflops']:.1f} GFLOP/s square-matmul peak: the model's matmuls are skinny, e.g. "
+                f"F.linear {lin.get('shape')} reaches {fmt(lin.get('fp32'), '.1f')} GFLOP/s); the rest is "
+                f"elementwise ops (RMSNorm, SiLU, RoPE, the LoRA/TARP batched products), the softmax/cross-entropy "
+                f"over the 49k vocabulary, AdamW and dispatch. MFU <= matmul share x matmul efficiency = "
+                f"{fmt(bound, '.0%')}. Top ops: "
+                + ", ".join(f"{o['op']} {o['self_s']:.2f}s" for o in prof.get("top_ops", [])[:5]) + ".")
+    if name in ("batched_vs_sequential", "batched_vs_higher"):
+        small, algorithm = labels[0], _worst(report["targets"][name])
+        other = "sequential" if name == "batched_vs_sequential" else "higher"
+        pb = profiles.get(profile_key(small, algorithm, "batched", "fp32"), {})
+        po = profiles.get(profile_key(small, algorithm, other, "fp32"), {})
+        return (f"Profile ({small}, {algorithm}): batched op time {fmt(pb.get('ops_s'))} s, {other} "
+                f"{fmt(po.get('ops_s'))} s; top batched ops: "
+                + ", ".join(f"{o['op']} {o['self_s']:.3f}s x{o['calls']}" for o in pb.get("top_ops", [])[:5]) + ".")
+    if name == "ray_deepspeed_overhead":
+        fw = report["framework"]
+        by = {(e["launcher"], e["workers"]): e for e in fw["launches"]}
+        local, ray1 = by.get(("plain_process", 1), {}), by.get(("ray_train", 1), {})
+        return (f"{fw['model']} fomaml: the meta-step alone (in-process, same DeepSpeed engine) "
+                f"{fw['plain_torch_step_s']:.3f} s, the worker loop in a plain process {fmt(local.get('median_s'))} s, "
+                f"in a 1-worker Ray Train run {fmt(ray1.get('median_s'))} s (Ray vs plain process "
+                f"{fmt(fw.get('ray_vs_plain_process'), '+.0%')}). Around the same meta-step the loop draws and "
+                f"tokenises its meta-batch, all-reduces and logs the step metrics, and under Ray runs in a worker "
+                f"actor; on a model this small these fixed costs are a large share of the step.")
+    return ""
