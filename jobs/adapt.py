@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--summary-out", help="write the summary JSON here")
     p.add_argument("--export-merged", metavar="DIR", help="save a merged transformers model (static kinds)")
     p.add_argument("--export-peft", metavar="DIR", help="save a PEFT LoRA adapter (reparam.kind lora)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="let --export-merged/--export-peft write into a non-empty folder (same-named files replaced); "
+                        "without it such a folder is refused before any work")
     p.add_argument("--no-mlflow", action="store_true", help="do not log the run to MLflow")
     return p
 
@@ -49,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = adapt_registered(
         args.base, args.controller, tasks=args.tasks, task=args.task, meta_test=args.meta_test,
         data_dir=args.data_dir, shots=args.shots, steps=args.steps, lr=args.lr, query_size=args.query_size,
-        seed=args.seed, export_merged=args.export_merged, export_peft=args.export_peft,
+        seed=args.seed, export_merged=args.export_merged, export_peft=args.export_peft, overwrite=args.overwrite,
         log_mlflow=not args.no_mlflow)
     write_summary(args.summary_out, summary)
     print(json.dumps({k: v for k, v in summary.items() if k != "curve"}, indent=1))

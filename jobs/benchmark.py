@@ -19,6 +19,7 @@ from jobs._cli import job_parser, run_main, write_summary
 from metaprep.bench import SUITES
 from metaprep.bench.report import markdown_table
 from metaprep.errors import ConfigError
+from metaprep.jsonio import check_writable
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         from metaprep.bench.protocol import parse_methods
 
         parse_methods(args.methods)  # before any data is looked for
+    for out in (Path(args.out), Path(args.out).with_suffix(".md")):  # before the run, which can take hours
+        check_writable(out, "benchmark results", ConfigError)
     module, func = SUITES[args.suite].split(":")
     run = getattr(importlib.import_module(module), func)
     start = time.perf_counter()

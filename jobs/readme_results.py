@@ -60,11 +60,32 @@ def paired(report: dict) -> str:
     return text + paired_extras(report["runs"])
 
 
+def meta_val_and_cost(report: dict) -> str:
+    """LM suites: the meta-val paired differences settings are chosen on, each method's meta-training cost
+    (for comparisons at equal compute) and the TAMS controller's diversity, from the stored runs."""
+    runs = report.get("runs")
+    if not isinstance(runs, list) or not runs or "val_query_loss" not in runs[0]:
+        return ""
+    from metaprep.bench.lm_report import compute, paired_val_differences, tams_diversity
+
+    val, cost, tams = paired_val_differences(runs), compute(runs), tams_diversity(runs)
+    lines = ["| method | Δ meta-val loss vs multitask | meta-train s (wall) | meta-train CPU s | "
+             "TAMS: distinct archs / tasks | TAMS: mean edge entropy (bits) |", "|---" * 6 + "|"]
+    for method, c in cost.items():
+        v = f"{val[method]['mean']:+.4f} ± {val[method]['ci95']:.4f} (n={val[method]['n']})" if method in val else "-"
+        t = tams.get(method)
+        arch = f"{t['distinct_architectures']:.3g} / {t['tasks_per_seed']:.3g}" if t else "-"
+        ent = f"{t['mean_edge_entropy_bits']:.3f}" if t else "-"
+        lines.append(f"| {method} | {v} | {c['meta_train_s']:.1f} | {c['cpu_s']:.1f} | {arch} | {ent} |")
+    return ("\nMeta-val (where settings are chosen), cost per meta-training run (compare at equal compute as "
+            "well as equal steps) and TAMS diversity per seed:\n\n" + "\n".join(lines) + "\n")
+
+
 def paired_extras(runs: list[dict]) -> str:
     """The suite's per-task extra metrics (accuracy, ROUGE) minus multitask's, from the stored runs."""
     from metaprep.bench.lm_report import paired_extra_differences
 
-    metrics = list(dict.fromkeys(m for r in runs for m in (r.get("extras") or {})))
+    metrics = list(dict.fromkeys(m for r in runs for m in (r.get("extras") or {}) if m != "architecture"))
     tables = {m: paired_extra_differences(runs, m) for m in metrics}
     tables = {m: t for m, t in tables.items() if t}
     if not tables:
@@ -116,7 +137,7 @@ def section() -> str:
             table = table.split("\n", 1)[-1]
         cmd = cmds.get(path.name, f"python -m jobs.benchmark --suite {report['suite']} --out results/{path.name}")
         parts.append(f"#### `{path.stem}` (suite `{report['suite']}`, {report['runtime_s']} s)\n\n"
-                     f"```\n{cmd}\n```\n\n{table.strip()}\n{targets(report)}{paired(report)}")
+                     f"```\n{cmd}\n```\n\n{table.strip()}\n{targets(report)}{paired(report)}{meta_val_and_cost(report)}")
     if not parts:
         return "_No benchmark outputs yet._\n"
     extra = comparisons()

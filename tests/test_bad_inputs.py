@@ -52,6 +52,17 @@ def _recipe(tmp: Path, text: str) -> str:
     return str(p)
 
 
+def _nonempty(tmp: Path) -> str:
+    folder = tmp / "out"
+    folder.mkdir(exist_ok=True)
+    (folder / "keep.txt").write_text("mine")
+    return str(folder)
+
+
+# 9 x 9 x 9 strings from 3 lines; each more level multiplies by 9 (~700 bytes reached 17.5 GB)
+ALIAS_BOMB = 'a: &a ["x","x","x","x","x","x","x","x","x"]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\nc: [*b,*b,*b,*b,*b,*b,*b,*b,*b]\n'
+
+
 def _gpt2_with_big_tokenizer(tmp: Path) -> str:
     """A transformers folder whose tokenizer (MiniLM's, 30522 tokens) exceeds the model's vocab (100)."""
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
@@ -122,6 +133,26 @@ CASES = [
      "--meta-steps must be >= 1"),
     ("benchmark", lambda t: ["--suite", "persona", "--out", str(t / "o.json"), "--quick", "--methods", "mltd,maml"],
      "--methods: 'mltd,maml'; expected a comma-separated subset"),
+    # small input, unbounded cost: refused before anything is built
+    ("meta_train", lambda t: ["--config", _recipe(t, ALIAS_BOMB)], "bad.yaml:1: YAML anchors and aliases (&name, *name) are not allowed"),
+    ("meta_train", lambda t: ["--config", _recipe(t, "meta: &m {x: *m}\n")], "bad.yaml:1: YAML anchors and aliases"),
+    ("meta_train", lambda t: ["--config", _recipe(t, "meta: " + "[" * 5000 + "]" * 5000 + "\n")], "bad.yaml:1: YAML nested deeper than 32 levels"),
+    ("meta_train", lambda t: ["--config", _recipe(t, "seed: " + "9" * 5000 + "\n")], "bad.yaml: invalid value (Exceeds the limit (4300 digits)"),
+    ("meta_train", lambda t: ["--config", _recipe(t, "#" * 300_000 + "\nmeta:\n  inner_lrr: 1\n")], "config file is larger than the limit of 256 KiB"),
+    ("meta_train", lambda t: ["--config", str(t)], "config file must be a regular file (got a directory)"),
+    ("meta_train", lambda t: ["--config", TINY, "--set", "meta.inner_lr=&x 1", "--set", "meta.inner_lrr=1"],
+     "--set meta.inner_lr: YAML anchors and aliases"),
+    # exports: checked before any work (here before the missing base is noticed)
+    ("adapt", lambda t: ["--base", str(t / "nobase"), "--controller", str(t), "--tasks", _jsonl(t / "a.jsonl", _examples(20)),
+                         "--export-peft", _nonempty(t)], "out: folder is not empty; choose a new folder or pass --overwrite"),
+    ("adapt", lambda t: ["--base", str(t / "nobase"), "--controller", str(t), "--tasks", _jsonl(t / "a.jsonl", _examples(20)),
+                         "--export-merged", _file(t / "m.bin", b"x")], "m.bin: is a file; expected a new or empty folder"),
+    ("adapt", lambda t: ["--base", str(t / "nobase"), "--controller", str(t), "--tasks", _jsonl(t / "a.jsonl", _examples(20)),
+                         "--export-merged", "/", "--overwrite"], "--export-merged /: refusing to export into /"),
+    ("adapt", lambda t: ["--base", str(t / "nobase"), "--controller", str(t), "--tasks", _jsonl(t / "a.jsonl", _examples(20)),
+                         "--export-merged", str(t / "x"), "--export-peft", str(t / "x")], "must be different folders"),
+    ("adapt", lambda t: ["--base", str(t / "nobase"), "--controller", str(t), "--tasks", _jsonl(t / "a.jsonl", _examples(20)),
+                         "--export-peft", _nonempty(t), "--overwrite"], "nobase"),  # --overwrite lets the folder through
     ("compare", lambda t: [str(t / "none.json:mltd"), str(t / "none.json:multitask")], "none.json: result file not found"),
     ("compare", lambda t: ["results.json", "b.json:mltd"], "expected RESULT.json:METHOD"),
 ]

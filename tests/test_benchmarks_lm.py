@@ -158,8 +158,8 @@ def test_methods_and_meta_steps_override_the_suite_protocol(monkeypatch):
 
 # protocol_for of every (suite, model, quick, encoder) as computed by the Python constants the recipes
 # replaced (commit 34a751d); a row lists the fields that differ from PERSONA (persona on stories260K)
-PERSONA = dict(shots=8, query_size=8, seq_len=48, adapt_steps=10, lr_grid=(1e-3, 3e-3, 1e-2), inner_lr=1e-2,
-               inner_steps=1, meta_steps=40, meta_batch_size=4, outer_lr=1e-3, rank=4, alpha=4.0,
+PERSONA = dict(shots=8, query_size=8, seq_len=48, adapt_steps=10, lr_grid=(3e-4, 1e-3, 3e-3, 1e-2), inner_lr=1e-2,
+               inner_steps=1, support_weight=1.0, meta_steps=40, meta_batch_size=4, outer_lr=1e-3, rank=4, alpha=4.0,
                tarp_kind="tarp_bilinear", targets=(), val_tasks=4, test_tasks=0, eval_chunk=16, seeds=3,
                methods=("finetune", "multitask", "fomaml", "maml", "reptile", "meta_lora", "mltd_tarp", "mltd"),
                precision="fp32", threads=1, max_new_tokens=0, shard_size=24, max_shards=40, test_shards=4)
@@ -175,7 +175,7 @@ PROTOCOLS = [  # (suite, model, quick, encoder, fields that differ from PERSONA)
         methods=("finetune", "multitask", "mltd"))),
     ("persona", "other", True, False, dict(
         QUICK, inner_lr=3e-3, outer_lr=1e-4, targets=("q_proj", "v_proj"), eval_chunk=3)),
-    ("multidomain", "llama2c", False, False, dict(seq_len=64, rank=8, alpha=8.0)),
+    ("multidomain", "llama2c", False, False, dict(seq_len=64, rank=8, alpha=8.0, lr_grid=(1e-4, 3e-4, 1e-3, 3e-3))),
     ("multidomain", "llama2c", True, False, dict(QUICK, rank=8, alpha=8.0)),
     ("multidomain", "other", False, False, dict(
         shots=4, query_size=4, seq_len=40, adapt_steps=5, lr_grid=(1e-3, 3e-3), inner_lr=3e-3, meta_steps=12,
@@ -185,15 +185,16 @@ PROTOCOLS = [  # (suite, model, quick, encoder, fields that differ from PERSONA)
         QUICK, inner_lr=3e-3, outer_lr=1e-4, rank=8, alpha=8.0, targets=("q_proj", "v_proj"), eval_chunk=3)),
     ("summarization", "llama2c", False, False, dict(
         shots=4, query_size=4, seq_len=128, meta_steps=30, meta_batch_size=2, rank=16, alpha=16.0,
-        max_new_tokens=32)),
-    ("summarization", "llama2c", True, False, dict(QUICK, seq_len=96, rank=16, alpha=16.0, max_new_tokens=6)),
+        max_new_tokens=32, lr_grid=(1e-3, 3e-3, 1e-2), support_weight=0.0)),
+    ("summarization", "llama2c", True, False, dict(QUICK, seq_len=96, rank=16, alpha=16.0, max_new_tokens=6,
+                                                   support_weight=0.0)),
     ("summarization", "other", False, False, dict(
         shots=4, query_size=4, seq_len=40, adapt_steps=5, lr_grid=(1e-3, 3e-3), inner_lr=3e-3, meta_steps=12,
         meta_batch_size=2, outer_lr=1e-4, rank=16, alpha=16.0, targets=("q_proj", "v_proj"), val_tasks=3,
-        test_tasks=6, eval_chunk=3, methods=("finetune", "multitask", "mltd"), max_new_tokens=32)),
+        test_tasks=6, eval_chunk=3, methods=("finetune", "multitask", "mltd"), max_new_tokens=32, support_weight=0.0)),
     ("summarization", "other", True, False, dict(
         QUICK, seq_len=96, inner_lr=3e-3, outer_lr=1e-4, rank=16, alpha=16.0, targets=("q_proj", "v_proj"),
-        eval_chunk=3, max_new_tokens=6)),
+        eval_chunk=3, max_new_tokens=6, support_weight=0.0)),
     ("convai2_mc", "llama2c", False, False, {}),
     ("convai2_mc", "llama2c", True, False, QUICK),
     ("convai2_mc", "other", False, False, dict(
@@ -205,11 +206,11 @@ PROTOCOLS = [  # (suite, model, quick, encoder, fields that differ from PERSONA)
     *[("convai2_mc", model, False, True, dict(
         shots=4, query_size=4, lr_grid=(3e-4, 1e-3, 3e-3), inner_lr=1e-3, meta_batch_size=2, outer_lr=2e-5, rank=8,
         alpha=8.0, targets=("query", "value"), val_tasks=3, test_tasks=12, eval_chunk=12,
-        methods=("finetune", "multitask", "meta_lora"), precision="bf16", threads=2))
+        methods=("finetune", "multitask", "meta_lora"), precision="bf16", threads=2, support_weight=0.0))
       for model in ("llama2c", "other")],
     *[("convai2_mc", model, True, True, dict(
         QUICK, inner_lr=1e-3, outer_lr=2e-5, rank=8, alpha=8.0, targets=("query", "value"), eval_chunk=12,
-        methods=("finetune", "meta_lora"), precision="bf16", threads=2))
+        methods=("finetune", "meta_lora"), precision="bf16", threads=2, support_weight=0.0))
       for model in ("llama2c", "other")],
 ]
 

@@ -82,9 +82,26 @@ def test_benchmark_method_variants_carry_config_overrides(tmp_path) -> None:
     plain, variant = (make_config(m, 0, proto, fold, "tiny") for m in proto.methods[1:])
     assert variant.algorithm == "mltd" and variant.reparam.kind == proto.tarp_kind
     assert (variant.meta.support_weight, variant.meta.inner_steps) == (1.0, 3)
-    assert (plain.meta.support_weight, plain.meta.inner_steps) == (0.0, proto.inner_steps)
+    assert (plain.meta.support_weight, plain.meta.inner_steps) == (proto.support_weight, proto.inner_steps)
     for bad, needle in (("finetune,mltd+meta.support_weigt=1", "unknown key"),
                         ("finetune,multitask+meta.support_weight=1", "only the episodic algorithms"),
                         ("finetune,mltd,mltd", "each once")):
         with pytest.raises(ConfigError, match=needle):
             parse_methods(bad)
+
+
+def test_report_pairs_meta_val_losses_and_counts_tams_architectures() -> None:
+    from metaprep.bench.lm_report import compute, paired_val_differences, tams_diversity
+
+    def record(method, seed, val, archs=None):
+        return {"method": method, "fold": "f", "seed": seed, "val_tasks": ["a", "b"], "val_query_loss": val,
+                "meta_train_s": 2.0 * (seed + 1), "cpu_s": 3.0, "extras": {"architecture": archs} if archs else {}}
+
+    records = [record("multitask", 0, [2.0, 3.0]), record("multitask", 1, [2.5, 3.5]),
+               record("mltd", 0, [1.5, 2.5], [[0, 1], [0, 2]]), record("mltd", 1, [2.0, 3.0], [[0, 1], [0, 1]])]
+    d = paired_val_differences(records)["mltd"]
+    assert d["n"] == 4 and abs(d["mean"] + 0.5) < 1e-12 and d["ci95"] == 0.0
+    div = tams_diversity(records)
+    assert set(div) == {"mltd"} and div["mltd"]["distinct_architectures"] == 1.5  # 2 on seed 0, 1 on seed 1
+    assert div["mltd"]["edge_entropy_bits"] == [0.0, 0.5]  # per seed: edge 1 is 1 bit on seed 0, 0 on seed 1
+    assert compute(records)["mltd"] == {"meta_train_s": 3.0, "cpu_s": 3.0, "runs": 2}

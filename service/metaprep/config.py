@@ -8,7 +8,6 @@ values raise :class:`ConfigError` with ``file:line``, the dotted key and what is
 from __future__ import annotations
 
 import dataclasses
-import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,7 +16,9 @@ from typing import Any
 
 import yaml
 
+from metaprep.config_bounds import check_choices, check_ranges
 from metaprep.errors import ConfigError
+from metaprep.jsonio import YAMLRefused, read_limited, safe_yaml
 
 TAMS_OPS = ("zero", "skip", "linear", "glu", "conv3", "conv5")
 MODEL_KINDS = ("auto", "tiny", "hf", "gguf", "llama2c")
@@ -198,38 +199,14 @@ class MetaTrainConfig:
         return notes
 
     def validate(self) -> MetaTrainConfig:
-        """Range checks that types alone cannot express."""
-        for key, value in _flat_choices(self):
-            _choice(key, value, _choices_of(type(self), key))
-        _positive("meta.inner_lr", self.meta.inner_lr)
-        _positive("meta.outer_lr", self.meta.outer_lr)
-        _at_least("meta.inner_steps", self.meta.inner_steps, 1)
-        _at_least("meta.meta_batch_size", self.meta.meta_batch_size, 1)
-        _at_least("meta.meta_steps", self.meta.meta_steps, 1)
-        _at_least("meta.eval_every", self.meta.eval_every, 1)
-        _at_least("meta.warm_start_steps", self.meta.warm_start_steps, 0)
-        if not (math.isfinite(self.meta.support_weight) and self.meta.support_weight >= 0):
-            raise ConfigError(f"meta.support_weight: must be a finite number >= 0, got {self.meta.support_weight}")
-        _at_least("meta.eval_tasks", self.meta.eval_tasks, 1)
-        _at_least("reparam.rank", self.reparam.rank, 1)
-        _at_least("reparam.kronecker_blocks", self.reparam.kronecker_blocks, 1)
-        _at_least("tasks.shots", self.tasks.shots, 1)
-        _at_least("tasks.query_size", self.tasks.query_size, 1)
-        _at_least("tasks.seq_len", self.tasks.seq_len, 4)
-        _at_least("tasks.num_tasks", self.tasks.num_tasks, 3)
-        _at_least("distributed.num_workers", self.distributed.num_workers, 1)
-        _at_least("distributed.cpus_per_worker", self.distributed.cpus_per_worker, 1)
-        _at_least("search.width", self.search.width, 1)
-        _at_least("search.nodes", self.search.nodes, 1)
-        _at_least("checkpoint.every", self.checkpoint.every, 0)
-        _at_least("checkpoint.keep", self.checkpoint.keep, 1)
-        for key, frac in (("tasks.val_fraction", self.tasks.val_fraction),
-                          ("tasks.test_fraction", self.tasks.test_fraction)):
-            if not 0.0 < frac < 0.5:
-                raise ConfigError(f"{key}: must be in (0, 0.5), got {frac}")
+        """Range checks that types alone cannot express (numeric ranges: :mod:`metaprep.config_bounds`)."""
+        check_choices(self)
+        check_ranges(self)
         if not self.registry.name or any(c in self.registry.name for c in "/\\:@ "):
             raise ConfigError(f"registry.name: must be non-empty without '/', '\\\\', ':', '@' or spaces, "
                               f"got {self.registry.name!r}")
+        if not self.tracking.experiment.strip():
+            raise ConfigError("tracking.experiment: must be a non-empty MLflow experiment name, got ''")
         from metaprep.meta.algorithm import ALGORITHMS, algorithm_names
         from metaprep.reparam.kinds import REPARAM_KINDS
 
@@ -249,54 +226,12 @@ class MetaTrainConfig:
         if self.tasks.family in ENCODER_FAMILIES and not spec.encoder_ok:
             raise ConfigError(f"algorithm: the {self.tasks.family} sentence-encoder scorer supports "
                               f"{', '.join(algorithm_names(encoder_ok=True))}, got {self.algorithm!r}")
-        if self.meta.meta_batch_size < self.distributed.num_workers:
-            raise ConfigError(f"meta.meta_batch_size: must be >= distributed.num_workers "
-                              f"({self.distributed.num_workers}) so every worker gets a task, "
-                              f"got {self.meta.meta_batch_size}")
         return self
-
-
-def _choices_of(cls: type, dotted: str) -> tuple | None:
-    """The valid values of the field at ``dotted`` (``None``: any value of its type)."""
-    head, _, rest = dotted.partition(".")
-    f = next(f for f in dataclasses.fields(cls) if f.name == head)
-    if rest:
-        return _choices_of(typing.get_type_hints(cls)[head], rest)
-    choices = f.metadata.get("choices")
-    return choices() if callable(choices) else choices
-
-
-def _flat_choices(cfg: Any, prefix: str = "") -> list[tuple[str, Any]]:
-    """``(dotted key, value)`` of every field of ``cfg`` that declares choices (list items one by one)."""
-    out = []
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if dataclasses.is_dataclass(value):
-            out += _flat_choices(value, f"{prefix}{f.name}.")
-        elif f.metadata.get("choices") is not None:
-            out += [(f"{prefix}{f.name}", v) for v in (value if isinstance(value, list) else [value])]
-    return out
-
-
-def _choice(key: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key}: {value!r} is not valid; choose one of {', '.join(map(str, allowed))}")
-
-
-def _positive(key: str, value: float) -> None:
-    if not value > 0 or value != value or value == float("inf"):
-        raise ConfigError(f"{key}: must be a finite number > 0, got {value}")
-
-
-def _at_least(key: str, value: int, low: int) -> None:
-    if value < low:
-        raise ConfigError(f"{key}: must be >= {low}, got {value}")
 
 
 # --------------------------------------------------------------------------- loading
 
-class _LineLoader(yaml.SafeLoader):
-    """SafeLoader that remembers the line of every mapping key (for error messages)."""
+MAX_RECIPE_BYTES = 256 << 10  # recipes are ~3 KB; pure-Python PyYAML parses ~100 KB/s
 
 
 def _key_lines(node: yaml.Node, prefix: str = "", out: dict[str, int] | None = None) -> dict[str, int]:
@@ -312,20 +247,21 @@ def _key_lines(node: yaml.Node, prefix: str = "", out: dict[str, int] | None = N
 def load_yaml(path: str | Path) -> tuple[dict, dict[str, int]]:
     """Read a recipe; return its mapping and the line number of every dotted key."""
     path = Path(path)
+    raw = read_limited(path, "config file", MAX_RECIPE_BYTES, ConfigError)
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read config ({exc.__class__.__name__}: {exc})") from None
-    try:
-        node = yaml.compose(text, Loader=_LineLoader)
-        data = yaml.load(text, Loader=_LineLoader)
+        data, node = safe_yaml(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: cannot read config (undecodable bytes at offset {exc.start}; UTF-8 "
+                          f"expected)") from None
+    except YAMLRefused as exc:
+        raise ConfigError(f"{path}:{exc.problem_mark.line + 1}: YAML {exc.problem}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{where}: malformed YAML ({problem})") from None
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
+        raise ConfigError(f"{path}: invalid value ({str(exc).splitlines()[0]})") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -339,9 +275,13 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set meta.inner_lr=0.01")
         key, raw = item.split("=", 1)
+        if len(raw) > MAX_RECIPE_BYTES:
+            raise ConfigError(f"--set {key}: value longer than {MAX_RECIPE_BYTES} characters")
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
+            value = safe_yaml(raw)[0] if raw != "" else ""
+        except YAMLRefused as exc:
+            raise ConfigError(f"--set {key}: YAML {exc.problem}") from None
+        except (yaml.YAMLError, ValueError):
             value = raw
         node = data
         parts = key.strip().split(".")

@@ -108,6 +108,8 @@ def make_config(method: str, seed: int, proto: Protocol, fold: Fold, model_path:
     m = cfg.meta
     m.inner_lr, m.outer_lr, m.inner_steps, m.inner_optimizer = proto.inner_lr, proto.outer_lr, proto.inner_steps, "adam"
     m.meta_batch_size, m.meta_steps = proto.meta_batch_size, proto.meta_steps
+    if ALGORITHMS[method].episodic:
+        m.support_weight = proto.support_weight
     m.eval_every, m.eval_tasks = proto.meta_steps, 2  # the harness does its own meta-val evaluation
     cfg.distributed.precision, cfg.distributed.torch_threads = proto.precision, proto.threads
     if overrides:
@@ -144,6 +146,8 @@ def evaluate(model, tokenizer, episodes: list[Episode], proto: Protocol, lr: flo
         res = adapt(model, support, query, proto.adapt_steps, lr, "adam", autocast_dtype=dtype)
         for step, losses in enumerate(res.curve):
             curve[step].extend(losses)
+        if res.arch is not None:  # TAMS: each task's chosen op per (layer, edge), for the diversity report
+            extras.setdefault("architecture", []).extend(res.arch.argmax(-1).flatten(1).tolist())
         if hook is not None:
             for key, values in hook(model, tokenizer, chunk, res, proto).items():
                 extras.setdefault(key, []).extend(values)
@@ -186,19 +190,23 @@ def run_folds(folds: list[Fold], proto: Protocol, model_path: str, hook: Hook | 
                 model, tok, info = prepare_fn(method, seed, proto, fold, model_path)
                 t1 = time.perf_counter()
                 key = (fold.name, method)
+                val_curves = {}
                 if key not in chosen:  # tuned once per fold, on the first seed, on meta-val tasks only
                     scores = {}
                     for lr in proto.lr_grid:
-                        curve, extras = evaluate(model, tok, val_eps, proto, lr, tune_hook, batch_fn)
-                        score = val_score(curve, extras)
+                        val_curves[lr], extras = evaluate(model, tok, val_eps, proto, lr, tune_hook, batch_fn)
+                        score = val_score(val_curves[lr], extras)
                         scores[lr] = score if math.isfinite(score) else float("inf")
                     chosen[key] = (min(scores, key=scores.get), scores)
                 lr, scores = chosen[key]
+                if lr not in val_curves:  # later seeds: meta-val at the chosen lr (paired choices on meta-val)
+                    val_curves[lr], _ = evaluate(model, tok, val_eps, proto, lr, tune_hook, batch_fn)
                 t2 = time.perf_counter()
                 curve, extras = evaluate(model, tok, test_eps, proto, lr, hook, batch_fn)
                 t3 = time.perf_counter()
                 records.append({"fold": fold.name, "seed": seed, "method": method, "lr": lr,
                                 "val_scores": {str(k): v for k, v in scores.items()},
+                                "val_tasks": [ep.task for ep in val_eps], "val_query_loss": val_curves[lr][-1],
                                 "tasks": [ep.task for ep in test_eps], "curve": curve, "extras": extras,
                                 "meta_train_s": round(t1 - t0, 2), "tune_s": round(t2 - t1, 2),
                                 "eval_s": round(t3 - t2, 2), "cpu_s": round(time.process_time() - c0, 2), **info})

@@ -111,6 +111,53 @@ def paired_differences(records: list[dict], reference: str = "multitask") -> dic
             for m, a in after.items()}
 
 
+def paired_val_differences(records: list[dict], reference: str = "multitask") -> dict[str, dict[str, float]]:
+    """Per method: meta-val query loss after adaptation minus ``reference``'s on the same (fold, seed,
+    meta-val task), mean and 95 % CI: the numbers settings are chosen on (never the test tasks)."""
+    values = {(r["method"], r["fold"], r["seed"], task): v for r in records
+              for task, v in zip(r.get("val_tasks", []), r.get("val_query_loss", []), strict=False)}
+    return {m: {"mean": mean, "ci95": ci, "n": n} for m, (mean, ci, n) in _paired(values, reference).items()}
+
+
+def compute(records: list[dict]) -> dict[str, dict[str, float]]:
+    """Meta-training cost per method, mean over (fold, seed): wall and CPU seconds, so methods can be
+    compared at equal compute as well as at equal meta-steps."""
+    out: dict[str, dict[str, float]] = {}
+    for method in dict.fromkeys(r["method"] for r in records):
+        rs = [r for r in records if r["method"] == method]
+        out[method] = {"meta_train_s": round(mean_or_nan([r["meta_train_s"] for r in rs]), 2),
+                       "cpu_s": round(mean_or_nan([r["cpu_s"] for r in rs]), 2), "runs": len(rs)}
+    return out
+
+
+def tams_diversity(records: list[dict]) -> dict[str, dict]:
+    """Per TAMS method, over its test tasks: how many distinct architectures the controller picks and the
+    entropy (bits) of each edge's op choice across tasks, per seed (one controller each), then the mean
+    over seeds. Collapse to one architecture (the known weakness of MLtD's controller) shows as 1
+    distinct architecture and all-zero entropies."""
+    out: dict[str, dict] = {}
+    for method in dict.fromkeys(r["method"] for r in records):
+        by_seed: dict[int, list[tuple[int, ...]]] = {}
+        for r in records:
+            if r["method"] == method:
+                by_seed.setdefault(r["seed"], []).extend(tuple(a) for a in r["extras"].get("architecture", []))
+        by_seed = {seed: archs for seed, archs in by_seed.items() if archs}
+        if not by_seed:
+            continue
+        entropies = [[_entropy_bits([a[edge] for a in archs]) for edge in range(len(archs[0]))]
+                     for archs in by_seed.values()]
+        edges = [mean_or_nan([e[i] for e in entropies]) for i in range(len(entropies[0]))]
+        out[method] = {"distinct_architectures": mean_or_nan([len(set(a)) for a in by_seed.values()]),
+                       "tasks_per_seed": mean_or_nan([len(a) for a in by_seed.values()]),
+                       "edge_entropy_bits": [round(e, 4) for e in edges], "mean_edge_entropy_bits": mean_or_nan(edges)}
+    return out
+
+
+def _entropy_bits(choices: list[int]) -> float:
+    counts = [choices.count(c) for c in set(choices)]
+    return max(0.0, -sum(c / len(choices) * math.log2(c / len(choices)) for c in counts))
+
+
 def paired_extra_differences(records: list[dict], metric: str, reference: str = "multitask") -> dict[str, dict]:
     """Per method: a per-task extra metric (e.g. ``accuracy``) minus ``reference``'s on the same
     (fold, seed, task), mean and 95 % CI (positive = higher than the reference)."""
@@ -204,6 +251,9 @@ def build_report(suite: str, records: list[dict], proto: Protocol, model_path: s
         cpu[r["method"]] = cpu.get(r["method"], 0.0) + r["cpu_s"]
     report = {"results": rows, "summary": summary, "targets": check_targets(suite, summary),
               "paired_vs_multitask": paired_differences(records),
+              "paired_val_vs_multitask": paired_val_differences(records),
+              "meta_train_cost": compute(records),
+              "tams_diversity": tams_diversity(records),
               "paired_extras_vs_multitask": {m: paired_extra_differences(records, m) for m in extra_metrics},
               "curves": curves,
               "lr_choice": {f"{r['fold']}/{r['method']}": {"lr": r["lr"], "val": r["val_scores"]}

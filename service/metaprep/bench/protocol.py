@@ -55,6 +55,7 @@ class Protocol:
     lr_grid: tuple[float, ...]  # adaptation lr candidates (Adam-style inner update), tuned on meta-val
     inner_lr: float  # meta-training inner lr, fixed a priori
     inner_steps: int  # meta-training inner steps (T_in)
+    support_weight: float  # meta.support_weight of the episodic methods (0 = the papers' objective)
     meta_steps: int  # outer steps of every meta-trained method
     meta_batch_size: int  # tasks per outer step
     outer_lr: float  # AdamW on the slow weights
@@ -84,6 +85,9 @@ class Protocol:
             if tp is int:
                 low = 0 if key in ("test_tasks", "max_new_tokens") else 1
                 need(key, getattr(self, key) >= low, f"must be >= {low}")
+            elif tp is float and key == "support_weight":
+                need(key, math.isfinite(self.support_weight) and self.support_weight >= 0,
+                     "must be a finite number >= 0")
             elif tp is float:
                 need(key, _finite_positive(getattr(self, key)), "must be a finite number > 0")
         need("lr_grid", bool(self.lr_grid) and all(map(_finite_positive, self.lr_grid)),

@@ -8,24 +8,29 @@
 ``NAME-controller`` folder (``controller/``): ``fast_init.safetensors`` (TARP/LoRA meta-init and
 TAMS op weights), ``controller.safetensors`` (the architecture controller, for ``mltd``) and
 ``spec.json`` (algorithm, reparam/search config, inner-loop settings, layout).
-Each folder has a ``manifest.json`` of SHA-256 digests written last; loading checks every digest,
-so a tampered or truncated artifact is refused. Nothing is unpickled.
+Each folder has a ``manifest.json`` of SHA-256 digests written last. Loading refuses a folder whose
+manifest is not a non-empty mapping listing exactly its files (no ``..``, no absolute path, no unlisted
+file), a digest or size that does not match (tampered or truncated), and any pickle: weights load from
+safetensors only, so nothing is unpickled. A base passed as the controller (or the two swapped) is named.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import hashlib
 import json
+import os
 import shutil
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from metaprep import __version__
 from metaprep.config import MetaTrainConfig, from_dict
-from metaprep.errors import RegistryError
+from metaprep.errors import MetaprepError, RegistryError
+from metaprep.jsonio import read_limited
 from metaprep.meta.algorithm import ALGORITHMS
 from metaprep.meta.build import build_meta_model
 from metaprep.meta.model import MetaModel
@@ -34,6 +39,9 @@ from metaprep.models.tokenizer import ByteTokenizer, HFTokenizer
 from metaprep.tasks.families import ENCODER_FAMILIES
 
 MANIFEST = "manifest.json"
+BASE_INFO, SPEC = "metaprep_base.json", "spec.json"
+MAX_JSON_BYTES = 16 << 20  # manifest, metaprep_base.json and spec.json are a few KB
+PICKLES = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle")  # what torch.load would read
 
 
 def _sha256(path: Path) -> str:
@@ -46,25 +54,87 @@ def _sha256(path: Path) -> str:
 
 def write_manifest(folder: Path) -> None:
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
-    manifest = {str(p.relative_to(folder)): {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in files}
+    manifest = {p.relative_to(folder).as_posix(): {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in files}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
 
 
-def verify_manifest(folder: Path, what: str) -> None:
+def _artifact_files(folder: Path, what: str) -> set[str]:
+    """Relative paths of the files under ``folder`` except the manifest; a link or special file is refused."""
+    files = set()
+    for root, dirs, names in os.walk(folder):  # does not follow links to folders
+        for name in dirs + names:
+            p = Path(root, name)
+            rel = p.relative_to(folder).as_posix()
+            if p.is_symlink() or not (p.is_dir() or p.is_file()):
+                raise RegistryError(f"{what}: {folder} holds {rel}, a link or special file; an artifact holds "
+                                    f"plain files only")
+            if p.is_file():
+                files.add(rel)
+    return files - {MANIFEST}
+
+
+def _manifest_entries(folder: Path, what: str) -> dict[str, dict]:
+    """``manifest.json`` of ``folder``: a non-empty mapping of relative path -> {sha256, bytes}."""
     path = folder / MANIFEST
-    if not path.exists():
+    if not path.is_file():
         raise RegistryError(f"{what}: {folder} has no {MANIFEST} (not a metaprep artifact or incomplete upload)")
     try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        manifest = json.loads(read_limited(path, MANIFEST, MAX_JSON_BYTES, RegistryError))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise RegistryError(f"{what}: {path} is corrupt (invalid JSON)") from None
+    expected = 'a non-empty mapping {"RELATIVE/PATH": {"sha256": HEX, "bytes": N}} of every file of the artifact'
+    if not isinstance(manifest, dict) or not manifest:
+        raise RegistryError(f"{what}: {path} must be {expected}, got {json.dumps(manifest)[:40]}")
+    for rel, entry in manifest.items():
+        parts = PurePosixPath(rel).parts
+        if (not rel or rel.startswith("/") or "\\" in rel or ".." in parts or "." in rel.split("/")
+                or rel == MANIFEST):
+            raise RegistryError(f"{what}: {path} lists {rel!r}, not a path inside the artifact folder; expected "
+                                f"relative paths without '..'")
+        if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
+                and isinstance(entry.get("bytes"), int) and not isinstance(entry.get("bytes"), bool)):
+            raise RegistryError(f"{what}: {path} entry {rel!r} must be {{\"sha256\": HEX, \"bytes\": N}}")
+    return manifest
+
+
+def verify_manifest(folder: Path, what: str) -> None:
+    """Refuse ``folder`` unless its manifest lists exactly its files, each with its recorded size and SHA-256,
+    and none of them is a pickle (nothing is unpickled)."""
+    manifest = _manifest_entries(folder, what)
+    files = _artifact_files(folder, what)
+    missing, unlisted = sorted(manifest.keys() - files), sorted(files - manifest.keys())
+    if missing:
+        raise RegistryError(f"{what}: {missing[0]} is missing from {folder}")
+    if unlisted:
+        raise RegistryError(f"{what}: {folder} holds {unlisted[0]}, which {MANIFEST} does not list (tampered); "
+                            f"refusing to load")
+    pickles = [rel for rel in sorted(files) if any(fnmatch.fnmatch(PurePosixPath(rel).name, pattern)
+                                                   for pattern in PICKLES)]
+    if pickles:
+        raise RegistryError(f"{what}: {folder} holds {pickles[0]}, a pickle; metaprep artifacts hold safetensors "
+                            f"and JSON only")
     for rel, entry in manifest.items():
         f = folder / rel
-        if not f.exists():
-            raise RegistryError(f"{what}: {rel} is missing from {folder}")
         if f.stat().st_size != entry["bytes"] or _sha256(f) != entry["sha256"]:
             raise RegistryError(f"{what}: {rel} does not match its recorded SHA-256 (tampered or truncated); "
                                 f"refusing to load")
+
+
+def _read_json(folder: Path, name: str, what: str, other: str) -> dict:
+    """``folder/name`` as a JSON mapping; a folder holding the ``other`` kind's file is named as swapped."""
+    path = folder / name
+    if not path.is_file():
+        swapped = (folder / (SPEC if name == BASE_INFO else BASE_INFO)).is_file()
+        hint = (f"it is a {other} artifact: give a {what} URI here (--base and --controller swapped?)" if swapped
+                else f"not a {what} artifact")
+        raise RegistryError(f"{what}: {folder} has no {name} ({hint})")
+    try:
+        data = json.loads(read_limited(path, name, MAX_JSON_BYTES, RegistryError))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        raise RegistryError(f"{what}: {path} is corrupt (invalid JSON)") from None
+    if not isinstance(data, dict):
+        raise RegistryError(f"{what}: {path} must be a JSON object")
+    return data
 
 
 def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -87,16 +157,22 @@ def save_tokenizer(tokenizer, folder: Path) -> dict:
 
 
 def load_tokenizer(spec: dict, folder: Path):
-    if spec["kind"] == "byte":
+    if not isinstance(spec, dict):
+        raise RegistryError(f"base {folder}: {BASE_INFO} field 'tokenizer' must be an object, got {spec!r}")
+    if spec.get("kind") == "byte":
         return ByteTokenizer()
-    if spec["kind"] in ("hf", "hf_raw"):
+    if spec.get("kind") in ("hf", "hf_raw"):
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
         return HFTokenizer(tok) if spec["kind"] == "hf" else tok
+    name = spec.get("file") if spec.get("kind") == "llama2c" else None
+    if not isinstance(name, str) or name in ("", ".", "..") or PurePosixPath(name).name != name:
+        raise RegistryError(f"base {folder}: {BASE_INFO} names tokenizer {spec!r}; expected kind byte, hf, hf_raw, "
+                            f"or llama2c with a file inside the folder")
     from metaprep.models.llama2c import Llama2cTokenizer
 
-    return Llama2cTokenizer(folder / spec["file"], spec.get("vocab_size"))
+    return Llama2cTokenizer(folder / name, spec.get("vocab_size"))
 
 
 def export_prepared(model: MetaModel, loaded: LoadedModel, cfg: MetaTrainConfig, out: Path) -> tuple[Path, Path]:
@@ -130,28 +206,31 @@ def export_prepared(model: MetaModel, loaded: LoadedModel, cfg: MetaTrainConfig,
 
 
 def load_prepared(base: Path, ctrl: Path) -> tuple[MetaModel, LoadedModel, MetaTrainConfig]:
-    """Rebuild a MetaModel from exported folders (checked against their manifests)."""
+    """Rebuild a MetaModel from exported folders (checked against their manifests; weights from safetensors only)."""
     verify_manifest(base, "base")
     verify_manifest(ctrl, "controller")
-    info = json.loads((base / "metaprep_base.json").read_text())
-    spec = json.loads((ctrl / "spec.json").read_text())
-    cfg = from_dict(MetaTrainConfig, {
-        "algorithm": spec["algorithm"], "seed": spec["seed"], "reparam": spec["reparam"], "search": spec["search"],
-        "meta": spec["meta"], "model": {"path": info["source"], "kind": info["kind"], "tiny": spec["model"]["tiny"]},
-        "tasks": spec.get("tasks", {}),  # the recipe's tasks: adaptation uses its seq_len, --meta-test its split
-    }, source=str(ctrl / "spec.json"))
-    if info["format"] == "full":
-        from transformers import AutoModel, AutoModelForCausalLM
-
-        # the sentence-encoder families (convai2_mc) export an encoder, every other family a causal LM
-        auto = AutoModel if cfg.tasks.family in ENCODER_FAMILIES else AutoModelForCausalLM
-        lm = auto.from_pretrained(base, local_files_only=True, trust_remote_code=False, dtype=torch.float32,
-                                  use_safetensors=True)
-        loaded = LoadedModel(lm, load_tokenizer(info["tokenizer"], base), info["kind"], info["source"])
-    else:
+    info = _read_json(base, BASE_INFO, "base", "controller")
+    spec = _read_json(ctrl, SPEC, "controller", "base")
+    try:
+        cfg = from_dict(MetaTrainConfig, {
+            "algorithm": spec["algorithm"], "seed": spec["seed"], "reparam": spec["reparam"],
+            "search": spec["search"], "meta": spec["meta"],
+            "model": {"path": info["source"], "kind": info["kind"], "tiny": spec["model"]["tiny"]},
+            "tasks": spec.get("tasks", {}),  # the recipe's tasks: adaptation uses its seq_len, --meta-test its split
+        }, source=str(ctrl / SPEC))
+        fmt = info["format"]
+    except (KeyError, TypeError) as exc:
+        raise RegistryError(f"base {base} / controller {ctrl}: {BASE_INFO} or {SPEC} lacks a valid field "
+                            f"({exc.__class__.__name__}: {exc}); re-export the prepared model") from None
+    if fmt == "full":
+        loaded = _load_full_base(base, info, cfg)
+    elif fmt == "reference":
+        _refuse_pickled_source(base, Path(info["source"]))
         from metaprep.meta.build import load_for_family
 
         loaded = load_for_family(cfg)
+    else:
+        raise RegistryError(f"base: {base / BASE_INFO} has format {fmt!r}; expected 'full' or 'reference'")
     model, loaded = build_meta_model(cfg, loaded)
     try:
         model.fast_init.load_state_dict(load_file(ctrl / "fast_init.safetensors"))
@@ -160,3 +239,28 @@ def load_prepared(base: Path, ctrl: Path) -> tuple[MetaModel, LoadedModel, MetaT
     except (RuntimeError, OSError) as exc:
         raise RegistryError(f"controller {ctrl}: weights do not match spec.json ({str(exc).splitlines()[0]})") from None
     return model, loaded, cfg
+
+
+def _load_full_base(base: Path, info: dict, cfg: MetaTrainConfig) -> LoadedModel:
+    """The transformers model saved in ``base`` (``model.safetensors``; never a pickled ``pytorch_model.bin``)."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    # the sentence-encoder families (convai2_mc) export an encoder, every other family a causal LM
+    auto = AutoModel if cfg.tasks.family in ENCODER_FAMILIES else AutoModelForCausalLM
+    try:
+        lm = auto.from_pretrained(base, local_files_only=True, trust_remote_code=False, dtype=torch.float32,
+                                  use_safetensors=True)
+        return LoadedModel(lm, load_tokenizer(info["tokenizer"], base), info["kind"], info["source"])
+    except MetaprepError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise RegistryError(f"base {base}: cannot load the model or tokenizer ({str(exc).splitlines()[0][:200]}); "
+                            f"a full base holds config.json, model.safetensors and its tokenizer") from None
+
+
+def _refuse_pickled_source(base: Path, source: Path) -> None:
+    """A reference base names the original model: load it only if its weights are safetensors."""
+    if source.is_dir() and not any(source.glob("*.safetensors")) and any(
+            any(source.glob(pattern)) for pattern in PICKLES):
+        raise RegistryError(f"base {base}: references {source}, whose weights are pickle files (pytorch_model.bin); "
+                            f"registry bases load safetensors only")

@@ -4,17 +4,25 @@ Merging folds ``W = W0 + s (Φ1 ⊙ W0 + Φ2)`` (MLtD eq. 2, residual form) into
 each kind's ``dense`` weight; only static kinds can be merged (dynamic TARP and TAMS depend on the
 input). A PEFT adapter is exact for kinds with ``peft_lora`` (``peft``'s scale ``lora_alpha / r``
 equals ours).
+
+Exports are written into a staging folder next to the target and moved into place only once
+everything else (the MLflow adapt run) has succeeded: :func:`staged_exports`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from metaprep.errors import MetaprepError
+from metaprep.jsonio import nearest_folder
 from metaprep.meta.model import MetaModel
 from metaprep.reparam.context import FastWeights
 from metaprep.reparam.kinds import REPARAM_KINDS
@@ -24,6 +32,45 @@ from metaprep.reparam.layers import ReparamLinear
 def save_fast_weights(fast: FastWeights, path: Path) -> None:
     save_file({f"{layer}--{f}": t.detach().float().contiguous() for layer, fs in fast.items() for f, t in fs.items()},
               str(path))
+
+
+def check_exportable(model: MetaModel, merged: bool, peft: bool) -> None:
+    """Refuse, before adapting, an export the model's kind cannot produce."""
+    kinds = {m.kind for m in model.lm.modules() if isinstance(m, ReparamLinear)}
+    if merged and model.controller is not None:
+        raise MetaprepError("--export-merged: models with TAMS cells (algorithm mltd) cannot be merged; "
+                            "use the fast-weights artifact")
+    if merged and not all(REPARAM_KINDS[k].mergeable for k in kinds):
+        static = ", ".join(k for k, v in REPARAM_KINDS.items() if v.mergeable)
+        raise MetaprepError(f"--export-merged: only static kinds ({static}) can be merged into a transformers "
+                            f"model, the model uses {', '.join(sorted(kinds))}")
+    if peft and not all(REPARAM_KINDS[k].peft_lora for k in kinds):
+        lora = ", ".join(k for k, v in REPARAM_KINDS.items() if v.peft_lora)
+        raise MetaprepError(f"--export-peft: needs reparam.kind {lora}, the model uses {', '.join(sorted(kinds))}")
+
+
+@contextlib.contextmanager
+def staged_exports(targets: dict[str, Path]) -> Iterator[tuple[dict[str, Path], Callable[[], None]]]:
+    """Staging folders (one per target, on its file system) and ``publish()``, which moves each into its
+    target (entries of the same name replaced; the folder was checked to be new, empty or --overwrite).
+    Whatever was not published is removed on exit, so a failure leaves the targets untouched."""
+    staged = {key: Path(tempfile.mkdtemp(prefix=f".{t.name}.partial-", dir=nearest_folder(t.parent)))
+              for key, t in targets.items()}
+
+    def publish() -> None:
+        for key, target in targets.items():
+            target.mkdir(parents=True, exist_ok=True)
+            for entry in sorted(staged[key].iterdir()):
+                dest = target / entry.name
+                if dest.is_dir() and not dest.is_symlink():
+                    shutil.rmtree(dest)
+                shutil.move(str(entry), str(dest))
+
+    try:
+        yield staged, publish
+    finally:
+        for folder in staged.values():
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _delta(layer: ReparamLinear, f: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from metaprep import jsonio
 from metaprep.errors import DataError
 from metaprep.jsonio import read_jsonl
 from metaprep.tasks.base import Example, Task
@@ -58,6 +59,10 @@ def load_jsonl_tasks(path: str | Path) -> list[Task]:
     files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
     if path.is_dir() and not files:
         raise DataError(f"{path}: folder has no *.jsonl task files")
+    total = sum(f.stat().st_size for f in files if f.is_file()) if path.is_dir() else 0
+    if total > jsonio.MAX_DATA_BYTES:  # each file is bounded when read; a folder of many is bounded here
+        raise DataError(f"{path}: task files hold {total} bytes together, more than the limit of "
+                        f"{jsonio.MAX_DATA_BYTES} bytes (1/16 of this machine's memory, at most 1 GiB)")
     by_task: dict[str, list[Example]] = {}
     for file in files:
         for lineno, obj in read_jsonl_records(file):

@@ -76,17 +76,19 @@ def meta_features(task: Task, support, tokenizer, zero_shot_loss: float) -> dict
 def adapt_registered(base: str, controller: str, *, tasks: str | None = None, task: str | None = None,
                      meta_test: bool = False, data_dir: str | None = None, shots: int = 8, steps: int = 10,
                      lr: float | None = None, query_size: int = 32, seed: int = 0,
-                     export_merged: str | None = None, export_peft: str | None = None,
+                     export_merged: str | None = None, export_peft: str | None = None, overwrite: bool = False,
                      log_mlflow: bool = True) -> dict:
     """Adapt the prepared model ``base`` + ``controller`` to one task and return the summary.
 
     The task is ``task`` of the JSONL ``tasks`` (read before any model is loaded: bad input fails fast),
     or with ``meta_test`` a held-out task of the model's own recipe (``data_dir``: its data root).
     ``lr`` defaults to the recipe's inner lr. ``export_merged`` / ``export_peft``: folders to save the
-    adapted model to; ``log_mlflow``: log the adapt run (``mlflow_run_id`` in the summary).
+    adapted model to, each new or empty unless ``overwrite``, checked before any work and written only once
+    the rest has succeeded; ``log_mlflow``: log the adapt run (``mlflow_run_id`` in the summary).
     Errors name the ``jobs.adapt`` flag at fault.
     """
     _check_args(tasks, meta_test, data_dir, shots, steps, query_size, lr)
+    exports = _check_exports({"merged": export_merged, "peft": export_peft}, overwrite)
     t0 = time.perf_counter()
     from metaprep.registry.artifacts import load_prepared
     from metaprep.registry.resolve import resolve_artifact
@@ -96,6 +98,9 @@ def adapt_registered(base: str, controller: str, *, tasks: str | None = None, ta
     if tasks is not None:
         picked = check_size(pick_task(load_jsonl_tasks(tasks), task, tasks), shots, tasks)
     model, loaded, cfg = load_prepared(resolve_artifact(base, None), resolve_artifact(controller, None))
+    from metaprep.registry.export import check_exportable, staged_exports
+
+    check_exportable(model, merged="merged" in exports, peft="peft" in exports)
     if meta_test:
         picked, source = meta_test_task(cfg, data_dir, task)
         picked = check_size(picked, shots, source)
@@ -128,20 +133,20 @@ def adapt_registered(base: str, controller: str, *, tasks: str | None = None, ta
             summary["accuracy_after"] = model.accuracy(query, result.fast).item()
     if result.arch is not None:
         summary["architecture"] = describe_architecture(result.arch, cfg.search.ops)[0]
+    from metaprep.registry.artifacts import save_tokenizer
     from metaprep.registry.export import export_merged as save_merged
     from metaprep.registry.export import export_peft as save_peft
 
-    if export_merged:
-        from metaprep.registry.artifacts import save_tokenizer
-
-        save_merged(model, result.fast, 0, Path(export_merged), lambda out: save_tokenizer(loaded.tokenizer, out))
-        summary["export_merged"] = export_merged
-    if export_peft:
-        save_peft(model, result.fast, 0, Path(export_peft), base)
-        summary["export_peft"] = export_peft
-    if log_mlflow:
-        features = meta_features(picked, support, loaded.tokenizer, summary["query_loss_before"])
-        summary["mlflow_run_id"] = _log_run(cfg, picked, features, result.fast, summary)
+    summary.update({f"export_{key}": str(target) for key, target in exports.items()})
+    with staged_exports(exports) as (staged, publish):
+        if "merged" in staged:
+            save_merged(model, result.fast, 0, staged["merged"], lambda out: save_tokenizer(loaded.tokenizer, out))
+        if "peft" in staged:
+            save_peft(model, result.fast, 0, staged["peft"], base)
+        if log_mlflow:
+            features = meta_features(picked, support, loaded.tokenizer, summary["query_loss_before"])
+            summary["mlflow_run_id"] = _log_run(cfg, picked, features, result.fast, summary)
+        publish()
     return summary
 
 
@@ -171,6 +176,31 @@ def _check_args(tasks: str | None, meta_test: bool, data_dir: str | None, shots:
             raise ConfigError(f"{flag}: must be >= {low}, got {value}")
     if lr is not None and not (lr > 0 and math.isfinite(lr)):
         raise ConfigError(f"--lr: must be a finite number > 0, got {lr}")
+
+
+def _check_exports(paths: dict[str, str | None], overwrite: bool) -> dict[str, Path]:
+    """The export folders, refused before any work unless each is new or empty (or ``overwrite``), writable,
+    and not ``/``, the home folder or a folder holding the current one."""
+    from metaprep.jsonio import check_writable
+
+    given = {key: path for key, path in paths.items() if path}
+    if len(given) == 2 and Path(given["merged"]).resolve() == Path(given["peft"]).resolve():
+        raise ConfigError("--export-merged / --export-peft: must be different folders")
+    exports = {}
+    for key, path in given.items():
+        flag, target = f"--export-{key}", Path(path).expanduser()
+        resolved = target.resolve()
+        if resolved in (Path(resolved.anchor), Path.home().resolve()) or Path.cwd().resolve().is_relative_to(resolved):
+            raise ConfigError(f"{flag} {path}: refusing to export into /, the home folder or a folder that holds the "
+                              f"current one; choose a new folder")
+        if target.exists() and not target.is_dir():
+            raise ConfigError(f"{flag} {path}: is a file; expected a new or empty folder")
+        if target.is_dir() and any(target.iterdir()) and not overwrite:
+            raise ConfigError(f"{flag} {path}: folder is not empty; choose a new folder or pass --overwrite "
+                              f"(files of the same name are replaced)")
+        check_writable(target, f"the {flag} folder", ConfigError, folder=True)
+        exports[key] = target
+    return exports
 
 
 def _log_run(cfg, task: Task, features: dict[str, float], fast, summary: dict) -> str:

@@ -3,14 +3,15 @@
 ``jobs.meta_train`` is :func:`launch_meta_training`. Each sweep trial (:mod:`metaprep.tune.trial`)
 runs the same pieces under its sweep's parent run, without registering: :func:`start_run` (the
 MLflow run with the full configuration as params), :func:`fit` (``build_trainer`` + ``fit``, the run
-marked ``FAILED`` if it raises) and :attr:`FitResult.diverged`. The sweep driver shares
-:func:`check_inputs`, :func:`init_ray`, :func:`storage_root` and :func:`new_run_name`.
+marked ``FAILED`` if it raises), :attr:`FitResult.diverged` and :attr:`FitResult.learned_nothing`.
+The sweep driver shares :func:`check_inputs`, :func:`init_ray`, :func:`storage_root` and :func:`new_run_name`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 import uuid
@@ -129,6 +130,23 @@ class FitResult:
         # only a completed run reports meta_val_loss_end; a diverged one reports where it stopped
         return "meta_val_loss_end" not in self.final or self.final.get("diverged_at") is not None
 
+    @property
+    def learned_nothing(self) -> str | None:
+        """Why a completed run that meta-trained learned nothing (``None`` if it learned): every outer step left
+        the weights unchanged, or meta-validation never moved by a finite amount (every evaluation equal or
+        non-finite) — e.g. ``meta.inner_lr=1e12`` saturates every output at the uniform loss."""
+        steps = self.final.get("meta_steps") or 0  # 0: the algorithm does not meta-train (finetune)
+        if not steps:
+            return None
+        if self.final.get("no_update_steps", 0) >= steps:
+            return f"all {steps} outer steps left the weights unchanged (meta-gradient norm 0)"
+        curve = [v for _, v in self.final.get("meta_val_curve", [])]
+        finite = {v for v in curve if math.isfinite(v)}
+        if len(finite) <= 1:
+            value = f"{next(iter(finite)):.6g}" if finite else "non-finite"
+            return f"meta-val loss never changed ({value} at all {len(curve)} evaluations)"
+        return None
+
 
 def divergence(cfg: MetaTrainConfig, step: Any) -> str:
     """What went wrong in a diverged run, in one line."""
@@ -212,6 +230,11 @@ def launch_meta_training(cfg: MetaTrainConfig, *, resume: str | None = None,
         run.client.set_terminated(run.run_id, "FAILED")
         raise TrainingDivergedError(f"{divergence(cfg, final.get('diverged_at'))}; lower the learning rates. "
                                     f"Nothing was registered.")
+    if result.learned_nothing:
+        run.client.set_terminated(run.run_id, "FAILED")
+        raise TrainingDivergedError(f"the run learned nothing: {result.learned_nothing} (meta.inner_lr="
+                                    f"{cfg.meta.inner_lr}, meta.outer_lr={cfg.meta.outer_lr}); check the learning "
+                                    f"rates. Nothing was registered.")
     summary = {"run_id": run.run_id, "run_name": run.name, "meta_steps": final["meta_steps"],
                "meta_val_loss_start": final["meta_val_loss_start"], "meta_val_loss_end": final["meta_val_loss_end"],
                "meta_val_curve": final["meta_val_curve"], "algorithm": cfg.algorithm,

@@ -86,6 +86,14 @@ def save_checkpoint(engine, folder: Path, step: int, history: dict, seed: int, r
                               f"the previous checkpoint is intact, free space and --resume the run") from None
 
 
+def _updated(engine) -> bool:
+    """Whether the outer step changed the weights: a meta-gradient of norm 0 (e.g. every output saturated by a
+    huge inner lr) or a non-finite one leaves them as they were. DeepSpeed reports the norm after its
+    all-reduce, so every rank agrees; an engine that does not report it counts as updated."""
+    norm = engine.get_global_grad_norm()
+    return norm is None or (math.isfinite(float(norm)) and float(norm) > 0)
+
+
 def evaluate(model, cfg: MetaTrainConfig, support, query) -> float:
     """Meta-validation: mean query loss after adapting to each val task with the training budget."""
     dtype = torch.bfloat16 if cfg.distributed.precision == "bf16" else None
@@ -162,6 +170,8 @@ def run_worker(cfg: MetaTrainConfig, env: WorkerEnv, tracking: dict | None, expo
         if n_bad:
             diverged = step
             break
+        if not _updated(engine):
+            history["no_update_steps"] = history.get("no_update_steps", 0) + 1
         dt = time.perf_counter() - t0
         step_metrics = {"meta_loss": loss_sum / b, "tasks_per_s": b / dt, "tokens_per_s": tok_sum / dt,
                         "step_time_s": dt, "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -180,7 +190,7 @@ def run_worker(cfg: MetaTrainConfig, env: WorkerEnv, tracking: dict | None, expo
     final = {"meta_steps": meta_steps if diverged is None else diverged,
              "meta_val_loss_start": history["meta_val_loss"][0][1],
              "meta_val_loss_end": history["meta_val_loss"][-1][1], "diverged_at": diverged,
-             "meta_val_curve": history["meta_val_loss"]}
+             "meta_val_curve": history["meta_val_loss"], "no_update_steps": history.get("no_update_steps", 0)}
     if diverged is not None or not all(math.isfinite(v) for _, v in history["meta_val_loss"]):
         final["diverged_at"] = diverged if diverged is not None else meta_steps
         _write_status(env, final)
