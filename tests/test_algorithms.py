@@ -102,3 +102,18 @@ def test_export_and_load_round_trip(algorithm: str, kind: str, tmp_path) -> None
         expected = model.task_losses(s, model.fast_init(2), arch)
         got = again.task_losses(s, again.fast_init(2), again.architecture(s, sample=False))
     assert torch.allclose(expected, got, atol=1e-5)
+
+
+def test_finetune_runs_through_the_worker_loop_and_exports_the_base(tmp_path) -> None:
+    """``finetune`` takes no outer step, but ``jobs.meta_train`` still prepares (exports) the base with its init."""
+    from metaprep.registry.artifacts import load_prepared
+    from metaprep.train.local import meta_train_local
+
+    cfg = load_config(MetaTrainConfig, None, [*OVERRIDES, "algorithm=finetune", "meta.meta_steps=2"])
+    res = meta_train_local(cfg, export=True)
+    assert res.final["meta_steps"] == 0 and res.final["diverged_at"] is None
+    model, _, cfg_again = load_prepared(res.export_dir / "base", res.export_dir / "controller")
+    assert cfg_again.algorithm == "finetune"
+    for (name, p), (_, q) in zip(model.fast_init.named_parameters(), res.model.fast_init.named_parameters(),
+                                 strict=True):
+        assert torch.equal(p, q), name

@@ -203,3 +203,14 @@ def test_minilm_scorer_recipe_through_ray_job_submit(stack, tmp_path) -> None:
     s = json.loads(adapted.read_text())
     assert 0.0 <= s["accuracy_before"] <= 1.0 and 0.0 <= s["accuracy_after"] <= 1.0 and s["n_query"] >= 1
     assert s["algorithm"] == "meta_lora" and len(s["curve"]) == 3
+
+
+def test_the_dashboard_url_make_up_prints_works_as_ray_address(stack) -> None:
+    """``RAY_ADDRESS=http://127.0.0.1:8265`` (what `make up` prints, for `ray job submit`) also works for a
+    driver started by hand: it connects to the running cluster instead of failing with a traceback."""
+    code = ("import sys; sys.path.insert(0, 'service'); from metaprep.train.launch import init_ray; "
+            "init_ray(False); import ray; print('CPU', ray.cluster_resources().get('CPU'))")
+    env = {**stack["env"], "RAY_ADDRESS": stack["dashboard"]}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and "CPU" in proc.stdout, proc.stderr[-2000:]

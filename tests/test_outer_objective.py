@@ -105,3 +105,35 @@ def test_report_pairs_meta_val_losses_and_counts_tams_architectures() -> None:
     assert set(div) == {"mltd"} and div["mltd"]["distinct_architectures"] == 1.5  # 2 on seed 0, 1 on seed 1
     assert div["mltd"]["edge_entropy_bits"] == [0.0, 0.5]  # per seed: edge 1 is 1 bit on seed 0, 0 on seed 1
     assert compute(records)["mltd"] == {"meta_train_s": 3.0, "cpu_s": 3.0, "runs": 2}
+
+
+def test_tams_cell_skips_unselected_ops_only_when_alpha_is_constant() -> None:
+    """With α carrying no gradient the cell runs only the ops some task selected: same losses, and with
+    α attached every op still runs (the controller's straight-through gradient needs them)."""
+    _, learner, _, s, _ = _setup("mltd", "tarp_bilinear")
+    model = learner.model
+    arch = model.architecture(s, tau=1.0, sample=True)
+    assert arch.requires_grad
+    fast = model.fast_init(s.num_tasks)
+    with torch.no_grad():
+        for cell_fast in fast.values():
+            for v in cell_fast.values():
+                v.add_(0.05)  # the zero-initialised up-projection would hide every op
+    attached = model.task_losses(s, fast, arch)
+    constant = model.task_losses(s, fast, arch.detach())
+    torch.testing.assert_close(attached, constant, atol=1e-6, rtol=1e-6)
+    grads = torch.autograd.grad(attached.sum(), arch)[0]
+    assert grads.abs().sum() > 0
+
+
+def test_meta_training_prints_progress_lines(capsys) -> None:
+    from metaprep.train.local import meta_train_local
+
+    cfg = load_config(MetaTrainConfig, None, ["model.tiny.dim=16", "model.tiny.hidden_dim=32", "model.tiny.layers=1",
+                                              "model.tiny.heads=2", "tasks.seq_len=12", "meta.meta_steps=3",
+                                              "meta.eval_every=2", "registry.register=false"])
+    meta_train_local(cfg)
+    out = capsys.readouterr().out
+    for step in (1, 2, 3):
+        assert f"[meta-train] step {step}/3 meta-loss " in out
+    assert "meta-val" in out.split("step 2/3")[1] and "tasks/s" in out and "ETA" in out

@@ -100,7 +100,11 @@ def adapt_then_query(model, support: TaskBatch, query: TaskBatch, step: int, inn
     t = tau.at(step)
     arch = model.architecture(support, tau=t, sample=True)
     fast = model.fast_init(support.num_tasks)
-    fast, support_losses = inner_loop(model, support, fast, arch, inner.steps, inner.lr, inner.optimizer,
+    # first order without a support term: nothing differentiates through the inner loop, so α is a
+    # constant there (and the TAMS cell skips the ops no task selected)
+    constant = not create_graph and support_weight == 0 and arch is not None
+    inner_arch = arch.detach() if constant else arch
+    fast, support_losses = inner_loop(model, support, fast, inner_arch, inner.steps, inner.lr, inner.optimizer,
                                       create_graph=create_graph, keep_first=support_weight > 0)
     query_losses = model.task_losses(query, fast, arch)
     metrics = {"support_loss_before": float(support_losses[0].detach().mean()),

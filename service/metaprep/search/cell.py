@@ -95,13 +95,18 @@ class TAMSCell:
         yt = y.reshape(t, -1, seq, y.shape[-1])
         states = [torch.einsum("tnlc,twc->tnlw", xt, w["down_in"]),
                   torch.einsum("tnlc,twc->tnlw", yt, w["down_out"])]
+        # ops no task selects need not run when α carries no gradient (inner loop, adaptation, evaluation):
+        # their weight is exactly 0; the zero op never contributes, not even to α's gradient
+        used = alpha.detach().ne(0).any(0) if not alpha.requires_grad else None  # (edges, ops)
         edge = 0
         for _ in range(self.nodes):
             node = 0
             for h in states:
                 for o, op in enumerate(self.ops):
+                    if op == "zero" or (used is not None and not used[edge, o]):
+                        continue
                     node = node + alpha[:, edge, o].view(t, 1, 1, 1) * _op(op, h, w, edge)
                 edge += 1
-            states.append(node)
+            states.append(node if torch.is_tensor(node) else torch.zeros_like(states[0]))
         out = torch.stack(states[2:]).mean(0)
         return y + torch.einsum("tnlw,tcw->tnlc", out, w["up"]).reshape(y.shape)

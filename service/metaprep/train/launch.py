@@ -31,6 +31,11 @@ def _say(message: str) -> None:
     print(message, flush=True)
 
 
+def _names(tasks, most: int = 5) -> str:
+    names = [t.name for t in tasks]
+    return ", ".join(names[:most]) + (f", ... ({len(names) - most} more)" if len(names) > most else "") or "-"
+
+
 def state_dir() -> Path:
     """Where runs keep local state (Ray results by default): ``$METAPREP_STATE_DIR`` or ``~/.metaprep``."""
     return Path(os.environ.get("METAPREP_STATE_DIR") or Path.home() / ".metaprep")
@@ -53,6 +58,8 @@ def check_inputs(cfg: MetaTrainConfig) -> tuple[Any, str]:
     from metaprep.train.loop import load_split
 
     split = load_split(cfg)
+    _say(f"tasks ({cfg.tasks.family}): {len(split.train)} meta-train, {len(split.val)} meta-val, {len(split.test)} "
+         f"meta-test; meta-val: {_names(split.val)}; meta-test: {_names(split.test)}")
     model, _ = build_meta_model(cfg)
     build_learner(cfg, model, num_train_tasks=len(split.train))  # the algorithm's own state (Meta-LoRA adapters)
     return split, fingerprint(split.train + split.val + split.test)
@@ -64,8 +71,14 @@ def init_ray(log_to_driver: bool) -> None:
 
     if ray.is_initialized():
         return
+    address = os.environ.get("RAY_ADDRESS")
+    if address and address.startswith(("http://", "https://")):
+        # the dashboard URL `make up` prints is for `ray job submit`; a driver finds the cluster itself
+        # (ray.init("auto") would read the URL back from the environment and refuse it)
+        os.environ.pop("RAY_ADDRESS")
+        address = "auto"
     try:
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=log_to_driver, runtime_env={"env_vars": {
+        ray.init(address=address, log_to_driver=log_to_driver, runtime_env={"env_vars": {
             "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
             # MLflow's telemetry thread edits os.environ while request threads read it (a KeyError
             # '_MLFLOW_TELEMETRY_SESSION_ID' failed a trial's log_batch); it has no network here anyway.

@@ -102,6 +102,34 @@ def evaluate(model, cfg: MetaTrainConfig, support, query) -> float:
     return result.query_loss_after
 
 
+class Progress:
+    """One line per logged meta-step on rank 0, readable in ``ray job logs``: step/total, meta-loss,
+    the latest meta-val loss, tasks/s, tokens/s and the ETA (every step for the first 5, then about
+    20 lines per run, and at each evaluation)."""
+
+    def __init__(self, total: int, start: int, eval_every: int) -> None:
+        self.total, self.start, self.t0 = total, start, time.perf_counter()
+        self.every = max(1, total // 20)
+        self.eval_every = eval_every
+        self.val: float | None = None
+
+    def step(self, done: int, m: dict) -> None:
+        if "meta_val_loss" in m:
+            self.val = m["meta_val_loss"]
+        if not (done - self.start <= 5 or done % self.every == 0 or done == self.total or "meta_val_loss" in m):
+            return
+        rate = (time.perf_counter() - self.t0) / max(done - self.start, 1)
+        eta = rate * (self.total - done)
+        val = f" | meta-val {self.val:.4f}" if self.val is not None else ""
+        print(f"[meta-train] step {done}/{self.total} meta-loss {m['meta_loss']:.4f}{val} | "
+              f"{m['tasks_per_s']:.2f} tasks/s {m['tokens_per_s']:.0f} tok/s | ETA {_duration(eta)}", flush=True)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
 @dataclass
 class WorkerResult:
     final: dict
@@ -158,6 +186,7 @@ def run_worker(cfg: MetaTrainConfig, env: WorkerEnv, tracking: dict | None, expo
 
     b = cfg.meta.meta_batch_size
     diverged = None
+    progress = Progress(meta_steps, start, cfg.meta.eval_every)
     for step in range(start, meta_steps):
         t0 = time.perf_counter()
         support, query = batches(step, device)
@@ -182,6 +211,8 @@ def run_worker(cfg: MetaTrainConfig, env: WorkerEnv, tracking: dict | None, expo
                 history["meta_val_loss"].append([done, evaluate(module, cfg, val_s.to(device), val_q.to(device))])
             step_metrics["meta_val_loss"] = history["meta_val_loss"][-1][1]
         log(step_metrics, done)
+        if env.rank == 0:
+            progress.step(done, step_metrics)
         if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < meta_steps:
             ckpt = env.scratch / f"ckpt-{done}-rank{env.rank}"
             save_checkpoint(engine, ckpt, done, history, cfg.seed, env.rank)

@@ -59,10 +59,12 @@ def make_engine(cfg: MetaTrainConfig, learner: MetaLearner):
     if not cfg.distributed.use_gpu:
         skip_cpu_shm_build(deepspeed)
     params = trainable_parameters(learner)
-    if not params:  # finetune: nothing is meta-trained; keep DeepSpeed happy with the (frozen) init
+    config = deepspeed_config(cfg)
+    if not params:  # finetune: nothing is meta-trained, no step is taken; ZeRO needs trainable parameters
         params = list(learner.model.fast_init.parameters())
+        config["zero_optimization"] = {"stage": 0}
     optimizer = torch.optim.AdamW(params, lr=cfg.meta.outer_lr, weight_decay=cfg.meta.weight_decay)
-    engine, *_ = deepspeed.initialize(model=learner, optimizer=optimizer, config=deepspeed_config(cfg))
+    engine, *_ = deepspeed.initialize(model=learner, optimizer=optimizer, config=config)
     return engine
 
 
