@@ -152,6 +152,8 @@ class CheckpointConfig:
     storage_path: str | None = _help("Ray Train storage path (default: <state>/ray_results)", None)
     keep: int = _help("checkpoints to keep", 2)
     max_failures: int = _help("worker failures Ray Train recovers from (FailureConfig)", 2)
+    select: str = _help("weights to register: 'best' meta-val evaluation (meta.eval_every) or 'last' step",
+                        "best", choices=("best", "last"))
 
 
 @dataclass

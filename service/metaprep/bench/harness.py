@@ -112,6 +112,7 @@ def make_config(method: str, seed: int, proto: Protocol, fold: Fold, model_path:
         m.support_weight = proto.support_weight
     m.eval_every, m.eval_tasks = proto.meta_steps, 2  # the harness does its own meta-val evaluation
     cfg.distributed.precision, cfg.distributed.torch_threads = proto.precision, proto.threads
+    cfg.checkpoint.select = "last"  # equal budgets: every method is evaluated after its last meta-step
     if overrides:
         cfg = from_dict(MetaTrainConfig, apply_overrides(to_dict(cfg), overrides), source=f"method {method}")
     return cfg.validate()

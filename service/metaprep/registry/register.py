@@ -37,6 +37,8 @@ def lineage_tags(cfg: MetaTrainConfig, final: dict, fingerprint: str, run_id: st
         "task_family": cfg.tasks.family, "data_fingerprint": fingerprint, "base_model": cfg.model.path,
         "meta_val_loss_start": f"{final['meta_val_loss_start']:.6g}",
         "meta_val_loss_end": f"{final['meta_val_loss_end']:.6g}",
+        "selected_step": str(final.get("selected_step", final["meta_steps"])),
+        "checkpoint.select": cfg.checkpoint.select,
         "code_version": code_version(), "source_run": run_id,
         "distributed.num_workers": str(cfg.distributed.num_workers),
         "distributed.zero_stage": str(cfg.distributed.zero_stage),

@@ -250,7 +250,8 @@ def launch_meta_training(cfg: MetaTrainConfig, *, resume: str | None = None,
                                     f"rates. Nothing was registered.")
     summary = {"run_id": run.run_id, "run_name": run.name, "meta_steps": final["meta_steps"],
                "meta_val_loss_start": final["meta_val_loss_start"], "meta_val_loss_end": final["meta_val_loss_end"],
-               "meta_val_curve": final["meta_val_curve"], "algorithm": cfg.algorithm,
+               "meta_val_curve": final["meta_val_curve"], "selected_step": final.get("selected_step"),
+               "algorithm": cfg.algorithm,
                "reparam": cfg.reparam.kind, "data_fingerprint": data_fp}
     config = dataclasses.asdict(cfg)
     run.client.log_dict(run.run_id, config, "config.json")

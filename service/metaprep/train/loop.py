@@ -31,6 +31,7 @@ from metaprep.registry.artifacts import export_prepared
 from metaprep.registry.tracking import MetricLogger
 from metaprep.tasks.base import TaskSplit, fixed_episodes, split_tasks
 from metaprep.tasks.families import batch_encoder, load_tasks
+from metaprep.train.select import BestWeights
 from metaprep.train.step import MetaBatches, autocast, make_engine, meta_step
 from metaprep.train.zero3 import zero3_gathered
 
@@ -187,6 +188,9 @@ def run_worker(cfg: MetaTrainConfig, env: WorkerEnv, tracking: dict | None, expo
     b = cfg.meta.meta_batch_size
     diverged = None
     progress = Progress(meta_steps, start, cfg.meta.eval_every)
+    best = BestWeights(cfg.checkpoint.select == "best" and meta_steps > 0, cfg.distributed.zero_stage == 3, env.rank)
+    if start == 0:
+        best.offer(module, 0, history["meta_val_loss"][0][1])
     for step in range(start, meta_steps):
         t0 = time.perf_counter()
         support, query = batches(step, device)
@@ -210,6 +214,7 @@ def run_worker(cfg: MetaTrainConfig, env: WorkerEnv, tracking: dict | None, expo
             with autocast(cfg):
                 history["meta_val_loss"].append([done, evaluate(module, cfg, val_s.to(device), val_q.to(device))])
             step_metrics["meta_val_loss"] = history["meta_val_loss"][-1][1]
+            best.offer(module, done, step_metrics["meta_val_loss"])
         log(step_metrics, done)
         if env.rank == 0:
             progress.step(done, step_metrics)
@@ -235,6 +240,10 @@ def run_worker(cfg: MetaTrainConfig, env: WorkerEnv, tracking: dict | None, expo
         if env.rank == 0:
             if logger is not None:
                 logger.flush()
+            final.update(best.restore(module, final["meta_steps"]))
+            if final["selected_step"] != final["meta_steps"]:
+                print(f"[meta-train] registering the weights of step {final['selected_step']} (best meta-val "
+                      f"{final['selected_meta_val_loss']:.4f}; checkpoint.select=last keeps the last step)", flush=True)
             export_prepared(module, loaded, cfg, out)
     _write_status(env, final)
     env.report(final, out if env.rank == 0 else None)
