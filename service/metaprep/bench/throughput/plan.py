@@ -9,7 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from metaprep.config import MetaTrainConfig, load_config
+from metaprep.config import MetaTrainConfig, load_config, load_yaml
+from metaprep.errors import ConfigError
 from metaprep.meta.algorithm import ALGORITHMS as REGISTERED
 from metaprep.meta.algorithm import algorithm_names
 
@@ -70,22 +71,43 @@ def default_small_model() -> str:
     return next((str(c) for c in candidates if c.is_dir()), "tiny")
 
 
-def make_plan(args: argparse.Namespace) -> Plan:
+RECIPE = Path(__file__).resolve().parents[4] / "jobs" / "configs" / "bench" / "throughput.yaml"
+SMALL = "small"  # the recipe's label of the model that --model-path chooses
+
+
+def make_plan(args: argparse.Namespace, recipe: Path = RECIPE) -> Plan:
+    """The ``full`` (or, with ``--quick``, ``quick``) section of the suite's recipe."""
     quick = bool(getattr(args, "quick", False))
     threads = int(os.environ.get("METAPREP_BENCH_THREADS") or 1)
     small_path = getattr(args, "model_path", None) or default_small_model()
     small_label = "stories260K" if "stories260K" in small_path else Path(small_path).name or small_path
-    if quick:  # LoRA + TARP + TAMS, first order; second order is in the memory probes
-        small = ModelPlan(small_label, small_path, shots=2, query_size=2, seq_len=16, steps=1, budget_s=2.0)
-        return Plan(True, threads, [small], algorithms=("fomaml", "mltd"), memory_model=small.label,
-                    memory_inner_steps=(1,), framework=False, profile=False)
-    small = ModelPlan(small_label, small_path, shots=4, query_size=4, seq_len=16, steps=3, budget_s=6.0)
-    # SmolLM2 on one core: a fomaml step takes seconds (and bf16 can be far slower on CPUs without native
-    # bf16 GEMMs), so the baselines run for fomaml only and fp32-vs-bf16 compares meta-batches of 2
-    # (tasks/s at equal T).
-    large = ModelPlan("SmolLM2-135M", SMOLLM, shots=1, query_size=1, seq_len=12, steps=2, budget_s=30.0,
-                      baselines=("fomaml",), bf16=("fomaml",), bf16_meta_batch=2)
-    return Plan(False, threads, [small, large], memory_model=large.label)
+    data, lines = load_yaml(recipe)
+    section = "quick" if quick else "full"
+    values = dict(data.get(section) or {})
+    where = lambda key: f"{recipe}:{lines.get(f'{section}.{key}', lines.get(section, 1))}"  # noqa: E731
+    fields = {f.name: f for f in dataclasses.fields(Plan)}
+    for key in values:
+        if key not in fields or key in ("quick", "threads"):
+            raise ConfigError(f"{where(key)}: unknown key '{section}.{key}'; valid: "
+                              f"{', '.join(k for k in fields if k not in ('quick', 'threads'))}")
+    models = []
+    for i, entry in enumerate(values.pop("models", None) or []):
+        try:
+            model = ModelPlan(**{k: tuple(v) if isinstance(v, list) else v for k, v in
+                                 {"path": small_path if entry.get("label") == SMALL else None, **entry}.items()})
+        except TypeError as exc:
+            raise ConfigError(f"{where('models')}: models[{i}]: {exc}") from None
+        models.append(dataclasses.replace(model, label=small_label) if model.label == SMALL else model)
+    if not models:
+        raise ConfigError(f"{where('models')}: '{section}.models' must list at least one model")
+    if values.get("memory_model") == SMALL:
+        values["memory_model"] = small_label
+    plan = Plan(quick, threads, models, **{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    unknown = [a for a in (*plan.algorithms, *(a for m in models for a in (*m.baselines, *m.bf16)))
+               if a not in REGISTERED]
+    if unknown:
+        raise ConfigError(f"{where('algorithms')}: unknown algorithms {unknown}; registered: {', '.join(REGISTERED)}")
+    return plan
 
 
 def reparam_kind(algorithm: str) -> str:
@@ -103,7 +125,7 @@ def meta_config(model: ModelPlan, algorithm: str, inner_steps: int, precision: s
         f"meta.meta_batch_size={META_BATCH}", f"meta.inner_steps={inner_steps}", "meta.inner_lr=0.1",
         "meta.eval_tasks=1", "meta.eval_every=1000000", f"distributed.precision={precision}",
         "distributed.zero_stage=1", f"distributed.cpus_per_worker={threads}", f"distributed.torch_threads={threads}",
-        "checkpoint.every=0", "registry.register=false",
+        "checkpoint.every=0", "checkpoint.select=last", "registry.register=false",
     ])
 
 
