@@ -34,7 +34,15 @@ def test_every_bench_recipe_loads(path: Path) -> None:
     """Each benchmark protocol recipe, with and without its large_model and quick sections."""
     from metaprep.bench.protocol import ENCODER_RECIPE, SUITE_RECIPES, load_protocol
 
-    assert {*SUITE_RECIPES.values(), ENCODER_RECIPE} <= {p.name for p in BENCH_RECIPES}
+    assert {*SUITE_RECIPES.values(), ENCODER_RECIPE, "throughput.yaml"} <= {p.name for p in BENCH_RECIPES}
+    if path.name == "throughput.yaml":  # the throughput plan (tests/test_throughput.py pins its contents)
+        import argparse
+
+        from metaprep.bench.throughput.plan import make_plan
+
+        for quick in (False, True):
+            assert make_plan(argparse.Namespace(quick=quick, model_path="tiny"), path).models
+        return
     for large_model in (False, True):
         for quick in (False, True):
             proto = load_protocol(path, large_model=large_model, quick=quick)

@@ -17,14 +17,8 @@ import pytest
 
 from metaprep.bench.config_transfer import expected_random_regret, normalized_regret, rank_quantile
 from metaprep.errors import ConfigError, DataError
-from metaprep.transfer.metadataset import (
-    MetaDataset,
-    load_metadataset,
-    read_generic,
-    read_mlflow_adapt_runs,
-    read_nmtlc,
-    read_quicktune,
-)
+from metaprep.transfer.formats import read_generic, read_mlflow_adapt_runs, read_nmtlc, read_quicktune
+from metaprep.transfer.metadataset import MetaDataset, load_metadataset
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "metadatasets"

@@ -1,7 +1,7 @@
 """The adapt-run contract: what one adaptation (``jobs.adapt``) logs to MLflow, and how it is read back.
 
 Every adaptation is a run of the experiment :data:`ADAPT_EXPERIMENT`: these runs are the meta-dataset
-the configuration recommender learns from (:func:`metaprep.transfer.metadataset.read_mlflow_adapt_runs`).
+the configuration recommender learns from (:func:`metaprep.transfer.formats.read_mlflow_adapt_runs`).
 Per run:
 
 - params ``config.*``: the adaptation configuration (``config.lr``, ``config.steps``, ``config.shots``,
