@@ -21,7 +21,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 from jobs._cli import job_parser, run_main, write_summary
@@ -90,11 +89,6 @@ def _candidates(value: str) -> list[dict]:
     return cands
 
 
-def _plain(config: dict) -> dict:
-    """Integral floats back to ints (meta-datasets store every number as float)."""
-    return {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in config.items()}
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.top_k < 1:
@@ -107,55 +101,12 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError("give --train-meta (fit a surrogate) or --surrogate-dir (load a saved one)")
     meta = _meta_features(args.meta_features)
     candidates = _candidates(args.candidates) if args.candidates else None
+    from metaprep.transfer.recommend_run import recommend_configurations  # torch: only once the input is valid
 
-    from metaprep.transfer.metadataset import load_metadataset
-
-    if args.train_meta:
-        train = load_metadataset(args.train_meta)
-        unknown = sorted(set(meta) - set(train.meta_feature_names))
-        missing = sorted(set(train.meta_feature_names) - set(meta))
-        if unknown or missing:
-            what = "; ".join(([f"unknown {unknown}"] if unknown else []) + ([f"missing {missing}"] if missing else []))
-            raise ConfigError(f"--meta-features: {what}; {train.name} has {train.meta_feature_names}")
-        if args.cost_aware and not train.has_cost:
-            raise ConfigError(f"--cost-aware: {train.name} records no run costs; drop --cost-aware or use a "
-                              "meta-dataset with costs")
-        from metaprep.transfer.recommender import Recommender  # torch: only once the input is valid
-
-        recommender = Recommender.fit(train, seed=args.seed, steps=args.fit_steps,
-                                      cost_steps=args.fit_steps if train.has_cost else 0)
-        if args.surrogate_dir:
-            recommender.save(args.surrogate_dir)
-    else:
-        from metaprep.transfer.recommender import Recommender
-
-        recommender = Recommender.load(args.surrogate_dir)
-        recommender.surrogate.check_meta(meta)
-    try:
-        picks = recommender.rank(meta, candidates, k=args.top_k, cost_aware=args.cost_aware,
-                                 cost_weight=args.cost_weight)
-    except DataError as exc:
-        raise ConfigError(f"--meta-features: {exc}") from None
-
-    summary = {
-        "portfolio": [{**r.to_dict(), "config": _plain(r.config)} for r in picks],
-        "meta_features": meta,
-        "top_k": args.top_k,
-        "cost_aware": args.cost_aware,
-        "n_candidates": len(candidates if candidates is not None else recommender.candidates),
-        "train_meta": args.train_meta,
-        "surrogate_dir": args.surrogate_dir,
-        "predicted_performance": "normalised: 1 = best configuration of a training dataset, 0 = worst",
-    }
-    if args.register:
-        uri = os.environ.get("MLFLOW_TRACKING_URI")
-        if not uri:
-            raise ConfigError("--register needs MLFLOW_TRACKING_URI (e.g. sqlite:///mlflow.db or http://host:5000)")
-        from metaprep.transfer.registry import register_surrogate
-
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = args.surrogate_dir or recommender.save(Path(tmp) / "surrogate")
-            summary["registered"] = register_surrogate(folder, args.register, uri)
+    summary = recommend_configurations(
+        meta, candidates, train_meta=args.train_meta, surrogate_dir=args.surrogate_dir, top_k=args.top_k,
+        cost_aware=args.cost_aware, cost_weight=args.cost_weight, fit_steps=args.fit_steps, seed=args.seed,
+        register=args.register, tracking_uri=os.environ.get("MLFLOW_TRACKING_URI"))
     write_summary(args.summary_out, summary)
     json.dump(summary, sys.stdout, indent=2, sort_keys=True)
     print()
