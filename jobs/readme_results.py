@@ -85,7 +85,8 @@ def paired_extras(runs: list[dict]) -> str:
     """The suite's per-task extra metrics (accuracy, ROUGE) minus multitask's, from the stored runs."""
     from metaprep.bench.lm_report import paired_extra_differences
 
-    metrics = list(dict.fromkeys(m for r in runs for m in (r.get("extras") or {}) if m != "architecture"))
+    metrics = list(dict.fromkeys(m for r in runs for m, v in (r.get("extras") or {}).items()
+                                 if v and isinstance(v[0], (int, float))))  # per-task numbers, not TAMS choices
     tables = {m: paired_extra_differences(runs, m) for m in metrics}
     tables = {m: t for m, t in tables.items() if t}
     if not tables:

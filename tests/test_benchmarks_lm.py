@@ -166,43 +166,33 @@ PERSONA = dict(shots=8, query_size=8, seq_len=48, adapt_steps=10, lr_grid=(3e-4,
 QUICK = dict(shots=2, query_size=2, seq_len=32, adapt_steps=2, lr_grid=(3e-3, 1e-2), meta_steps=2, meta_batch_size=2,
              val_tasks=2, test_tasks=3, seeds=1, methods=("finetune", "mltd"), shard_size=8, max_shards=4,
              test_shards=2)
+LARGE = dict(  # persona.yaml's large_model section (SmolLM2-135M)
+    shots=4, query_size=4, seq_len=40, adapt_steps=5, lr_grid=(1e-3, 3e-3), inner_lr=3e-3, meta_steps=12,
+    meta_batch_size=2, outer_lr=1e-4, targets=("q_proj", "v_proj"), val_tasks=3, test_tasks=6, eval_chunk=3,
+    methods=("finetune", "multitask", "mltd"))
+LARGE_QUICK = dict(QUICK, inner_lr=3e-3, outer_lr=1e-4, targets=("q_proj", "v_proj"), eval_chunk=3)
 PROTOCOLS = [  # (suite, model, quick, encoder, fields that differ from PERSONA)
     ("persona", "llama2c", False, False, {}),
     ("persona", "llama2c", True, False, QUICK),
-    ("persona", "other", False, False, dict(
-        shots=4, query_size=4, seq_len=40, adapt_steps=5, lr_grid=(1e-3, 3e-3), inner_lr=3e-3, meta_steps=12,
-        meta_batch_size=2, outer_lr=1e-4, targets=("q_proj", "v_proj"), val_tasks=3, test_tasks=6, eval_chunk=3,
-        methods=("finetune", "multitask", "mltd"))),
-    ("persona", "other", True, False, dict(
-        QUICK, inner_lr=3e-3, outer_lr=1e-4, targets=("q_proj", "v_proj"), eval_chunk=3)),
+    ("persona", "other", False, False, LARGE),
+    ("persona", "other", True, False, LARGE_QUICK),
     ("multidomain", "llama2c", False, False, dict(seq_len=64, rank=8, alpha=8.0, lr_grid=(1e-4, 3e-4, 1e-3, 3e-3))),
     ("multidomain", "llama2c", True, False, dict(QUICK, rank=8, alpha=8.0)),
-    ("multidomain", "other", False, False, dict(
-        shots=4, query_size=4, seq_len=40, adapt_steps=5, lr_grid=(1e-3, 3e-3), inner_lr=3e-3, meta_steps=12,
-        meta_batch_size=2, outer_lr=1e-4, rank=8, alpha=8.0, targets=("q_proj", "v_proj"), val_tasks=3,
-        test_tasks=6, eval_chunk=3, methods=("finetune", "multitask", "mltd"))),
-    ("multidomain", "other", True, False, dict(
-        QUICK, inner_lr=3e-3, outer_lr=1e-4, rank=8, alpha=8.0, targets=("q_proj", "v_proj"), eval_chunk=3)),
+    ("multidomain", "other", False, False, dict(LARGE, rank=8, alpha=8.0)),
+    ("multidomain", "other", True, False, dict(LARGE_QUICK, rank=8, alpha=8.0)),
     ("summarization", "llama2c", False, False, dict(
         shots=4, query_size=4, seq_len=128, meta_steps=30, meta_batch_size=2, rank=16, alpha=16.0,
         max_new_tokens=32, lr_grid=(1e-3, 3e-3, 1e-2), support_weight=0.0)),
     ("summarization", "llama2c", True, False, dict(QUICK, seq_len=96, rank=16, alpha=16.0, max_new_tokens=6,
                                                    support_weight=0.0)),
-    ("summarization", "other", False, False, dict(
-        shots=4, query_size=4, seq_len=40, adapt_steps=5, lr_grid=(1e-3, 3e-3), inner_lr=3e-3, meta_steps=12,
-        meta_batch_size=2, outer_lr=1e-4, rank=16, alpha=16.0, targets=("q_proj", "v_proj"), val_tasks=3,
-        test_tasks=6, eval_chunk=3, methods=("finetune", "multitask", "mltd"), max_new_tokens=32, support_weight=0.0)),
-    ("summarization", "other", True, False, dict(
-        QUICK, seq_len=96, inner_lr=3e-3, outer_lr=1e-4, rank=16, alpha=16.0, targets=("q_proj", "v_proj"),
-        eval_chunk=3, max_new_tokens=6, support_weight=0.0)),
+    ("summarization", "other", False, False, dict(LARGE, rank=16, alpha=16.0, max_new_tokens=32,
+                                                  support_weight=0.0)),
+    ("summarization", "other", True, False, dict(LARGE_QUICK, seq_len=96, rank=16, alpha=16.0, max_new_tokens=6,
+                                                 support_weight=0.0)),
     ("convai2_mc", "llama2c", False, False, {}),
     ("convai2_mc", "llama2c", True, False, QUICK),
-    ("convai2_mc", "other", False, False, dict(
-        shots=4, query_size=4, seq_len=40, adapt_steps=5, lr_grid=(1e-3, 3e-3), inner_lr=3e-3, meta_steps=12,
-        meta_batch_size=2, outer_lr=1e-4, targets=("q_proj", "v_proj"), val_tasks=3, test_tasks=6, eval_chunk=3,
-        methods=("finetune", "multitask", "mltd"))),
-    ("convai2_mc", "other", True, False, dict(
-        QUICK, inner_lr=3e-3, outer_lr=1e-4, targets=("q_proj", "v_proj"), eval_chunk=3)),
+    ("convai2_mc", "other", False, False, LARGE),  # the persona recipe
+    ("convai2_mc", "other", True, False, LARGE_QUICK),
     *[("convai2_mc", model, False, True, dict(
         shots=4, query_size=4, lr_grid=(3e-4, 1e-3, 3e-3), inner_lr=1e-3, meta_batch_size=2, outer_lr=2e-5, rank=8,
         alpha=8.0, targets=("query", "value"), val_tasks=3, test_tasks=12, eval_chunk=12,

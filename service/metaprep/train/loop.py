@@ -108,10 +108,9 @@ class Progress:
     the latest meta-val loss, tasks/s, tokens/s and the ETA (every step for the first 5, then about
     20 lines per run, and at each evaluation)."""
 
-    def __init__(self, total: int, start: int, eval_every: int) -> None:
+    def __init__(self, total: int, start: int) -> None:
         self.total, self.start, self.t0 = total, start, time.perf_counter()
         self.every = max(1, total // 20)
-        self.eval_every = eval_every
         self.val: float | None = None
 
     def step(self, done: int, m: dict) -> None:
@@ -187,7 +186,7 @@ def run_worker(cfg: MetaTrainConfig, env: WorkerEnv, tracking: dict | None, expo
 
     b = cfg.meta.meta_batch_size
     diverged = None
-    progress = Progress(meta_steps, start, cfg.meta.eval_every)
+    progress = Progress(meta_steps, start)
     best = BestWeights(cfg.checkpoint.select == "best" and meta_steps > 0, cfg.distributed.zero_stage == 3, env.rank)
     if start == 0:
         best.offer(module, 0, history["meta_val_loss"][0][1])
