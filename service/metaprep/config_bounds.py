@@ -29,6 +29,7 @@ CAPS = {
     "model.tiny.hidden_dim": 65_536,
     "model.tiny.max_seq_len": 131_072,
     "tasks.num_tasks": 100_000,  # generated in memory by the synthetic family
+    "tasks.synthetic_letters": 4096,
     "tasks.shots": 10_000,
     "tasks.query_size": 10_000,
     "tasks.seq_len": 32_768,
@@ -110,7 +111,7 @@ def check_ranges(cfg: MetaTrainConfig) -> None:
                      ("meta.eval_every", 1), ("meta.warm_start_steps", 0), ("meta.eval_tasks", 1),
                      ("reparam.rank", 1), ("reparam.kronecker_blocks", 1), ("tasks.shots", 1),
                      ("tasks.query_size", 1), ("tasks.seq_len", 4), ("tasks.num_tasks", 3),
-                     ("distributed.num_workers", 1), ("distributed.cpus_per_worker", 1),
+                     ("tasks.synthetic_letters", 1), ("distributed.num_workers", 1), ("distributed.cpus_per_worker", 1),
                      ("distributed.torch_threads", 0), ("search.width", 1), ("search.nodes", 1),
                      ("search.controller_hidden", 1), ("checkpoint.every", 0), ("checkpoint.keep", 1),
                      ("model.tiny.vocab_size", 259), ("model.tiny.dim", 1), ("model.tiny.layers", 1),

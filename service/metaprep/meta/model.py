@@ -80,15 +80,36 @@ class MetaModel(nn.Module):
         return self.controller(self.task_embedding(support), tau=tau, sample=sample, noise_seeds=support.noise_seeds)
 
 
-def lm_task_losses(lm: nn.Module, batch: TaskBatch) -> torch.Tensor:
-    """Per-task mean next-token loss on target tokens, (T,), of a causal LM on a (T, n, L) batch."""
-    t, n, length = batch.input_ids.shape
-    out = lm(input_ids=batch.input_ids.reshape(t * n, length),
-             attention_mask=batch.attention_mask.reshape(t * n, length), use_cache=False)
-    logits = out.logits[:, :-1]
+# model types whose logits are exactly ``get_output_embeddings()(base_model(...).last_hidden_state)``
+HEAD_AT_TARGETS = frozenset({"llama", "mistral", "qwen2", "qwen3", "gpt2"})
+
+
+def lm_task_losses(lm: nn.Module, batch: TaskBatch, head_at_targets: bool = True) -> torch.Tensor:
+    """Per-task mean next-token loss on target tokens, (T,), of a causal LM on a (T, n, L) batch.
+
+    Two exact savings (issue 17): columns after the longest example are dropped (right padding
+    changes nothing under a causal mask), and the LM head and cross entropy run only at positions
+    whose next token is a target, not at every position (for SmolLM2 a 49k-vocabulary head on 64
+    positions where a reply has 16 targets is most of the step). Models outside
+    :data:`HEAD_AT_TARGETS`, and ``head_at_targets=False`` (a caller that must run the top-level forward,
+    e.g. a ``higher`` functional model whose submodules read parameters the top-level call fills), get full logits.
+    """
+    t, n, _ = batch.input_ids.shape
+    length = max(2, int(batch.attention_mask.sum(-1).max()))
+    ids = batch.input_ids[..., :length].reshape(t * n, length)
+    mask = batch.attention_mask[..., :length].reshape(t * n, length)
+    labels = batch.labels[..., 1:length].reshape(t * n, length - 1)
+    keep = labels != -100
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    model_type = getattr(getattr(lm, "config", None), "model_type", None)
+    if head_at_targets and head is not None and model_type in HEAD_AT_TARGETS:
+        hidden = lm.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        logits = head(hidden[:, :-1][keep])  # (K, V): target positions only
+    else:
+        logits = lm(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1][keep]
     if logits.dtype in (torch.bfloat16, torch.float16):  # CE in fp32 under autocast
         logits = logits.float()
-    labels = batch.labels.reshape(t * n, length)[:, 1:]
-    tok = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                          ignore_index=-100, reduction="none").view(t, -1)
-    return tok.sum(1) / (labels != -100).view(t, -1).sum(1).clamp_min(1)
+    tok = F.cross_entropy(logits, labels[keep], reduction="none")
+    task_of = torch.arange(t, device=ids.device).repeat_interleave(n * (length - 1))[keep.reshape(-1)]
+    sums = torch.zeros(t, dtype=tok.dtype, device=tok.device).index_add(0, task_of, tok)
+    return sums / keep.view(t, -1).sum(1).clamp_min(1)

@@ -56,7 +56,7 @@ def resolve_data_dir(cfg: TasksConfig) -> Path | None:
 
 def _loader(family: str) -> Callable[[TasksConfig, Path | None], list[Task]]:
     if family == "synthetic":
-        return lambda cfg, _: make_synthetic_tasks(cfg.num_tasks, seed=cfg.split_seed)
+        return lambda cfg, _: make_synthetic_tasks(cfg.num_tasks, letters=cfg.synthetic_letters, seed=cfg.split_seed)
     if family == "jsonl":
         def load(cfg: TasksConfig, _: Path | None) -> list[Task]:
             if not cfg.path:

@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
+
 from metaprep.errors import ConfigError, DataError
 
 if TYPE_CHECKING:  # torch loads only once the arguments are checked
@@ -112,9 +114,14 @@ def adapt_registered(base: str, controller: str, *, tasks: str | None = None, ta
     query = encode([episode], "query", loaded.tokenizer, cfg.tasks.seq_len)
 
     from metaprep.meta.adapt import adapt
+    from metaprep.runtime import configure_process
     from metaprep.search.controller import describe_architecture
 
-    result = adapt(model, support, query, steps, lr, cfg.meta.inner_optimizer)
+    # the recipe's worker settings: its thread count (the default of a busy 2-core machine oversubscribes)
+    # and its precision
+    configure_process(cfg.distributed.torch_threads or cfg.distributed.cpus_per_worker)
+    dtype = torch.bfloat16 if cfg.distributed.precision == "bf16" else None
+    result = adapt(model, support, query, steps, lr, cfg.meta.inner_optimizer, autocast_dtype=dtype)
     curve = [c[0] for c in result.curve]
     if not all(math.isfinite(c) for c in curve):
         raise DataError(f"adaptation diverged (query loss {curve[-1]}) at --lr {lr}; use a smaller --lr")
@@ -126,8 +133,6 @@ def adapt_registered(base: str, controller: str, *, tasks: str | None = None, ta
         "reparam": cfg.reparam.kind, "base": base, "controller": controller,
     }
     if hasattr(model, "accuracy"):  # a multiple-choice scorer: gold-candidate accuracy on the query set
-        import torch
-
         with torch.no_grad():
             summary["accuracy_before"] = model.accuracy(query, model.fast_init(1)).item()
             summary["accuracy_after"] = model.accuracy(query, result.fast).item()

@@ -29,6 +29,7 @@ from metaprep.meta.build import MetaLearner, build_learner, build_meta_model
 from metaprep.meta.model import MetaModel
 from metaprep.registry.artifacts import export_prepared
 from metaprep.registry.tracking import MetricLogger
+from metaprep.runtime import configure_process
 from metaprep.tasks.base import TaskSplit, fixed_episodes, split_tasks
 from metaprep.tasks.families import batch_encoder, load_tasks
 from metaprep.train.select import BestWeights
@@ -149,7 +150,7 @@ def run_worker(cfg: MetaTrainConfig, env: WorkerEnv, tracking: dict | None, expo
 
     ``split``: the tasks to use instead of loading and splitting ``cfg.tasks`` (the benchmarks' folds).
     """
-    torch.set_num_threads(cfg.distributed.torch_threads or cfg.distributed.cpus_per_worker)
+    configure_process(cfg.distributed.torch_threads or cfg.distributed.cpus_per_worker)
     torch.manual_seed(cfg.seed)
     split = split or load_split(cfg)
     model, loaded = build_meta_model(cfg)

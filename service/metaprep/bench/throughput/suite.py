@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from metaprep.bench.throughput.peak import linear_gflops, machine_info, matmul_peak
-from metaprep.bench.throughput.plan import META_BATCH, ModelPlan, Plan, log, make_plan, meta_config
+from metaprep.bench.throughput.plan import ModelPlan, Plan, log, make_plan, meta_config
 from metaprep.bench.throughput.probes import framework_overhead, memory_sweep
 from metaprep.bench.throughput.setup import Setup
 from metaprep.bench.throughput.tables import find, result_rows, summary_table
@@ -21,12 +21,14 @@ from metaprep.bench.throughput.targets import evaluate_targets, explain, profile
 from metaprep.bench.throughput.timing import measure
 from metaprep.models.base import LoadedModel, load_base_model
 from metaprep.reparam.layers import ReparamLinear
+from metaprep.runtime import keep_freed_memory
 
 
 def run(args: argparse.Namespace) -> dict:
     plan = make_plan(args)
     threads_before = torch.get_num_threads()
     torch.set_num_threads(plan.threads)
+    keep_freed_memory()  # as the worker loop (metaprep.runtime.configure_process)
     try:
         return _run(plan, args)
     finally:
@@ -103,17 +105,18 @@ def _run(plan: Plan, args: argparse.Namespace) -> dict:
 def _measure_algorithm(plan: Plan, model: ModelPlan, algorithm: str, base: LoadedModel, configs: list[dict]) -> None:
     """Time every method and precision the plan asks of one algorithm on one model; append to ``configs``."""
     setup = Setup(model, algorithm, plan.inner_steps, base)
-    jobs = [(setup, "batched", "fp32")]
+    main = setup.subset(model.meta_batch) if setup.meta_batch != model.meta_batch else setup
+    jobs = [(main, "batched", "fp32")]
     if algorithm in model.baselines:
-        jobs += [(setup, "sequential", "fp32"), (setup, "higher", "fp32")]
+        jobs += [(main, "sequential", "fp32"), (main, "higher", "fp32")]
     if algorithm in model.bf16:
-        pair = setup if model.bf16_meta_batch == META_BATCH else setup.subset(model.bf16_meta_batch)
-        jobs += ([(pair, "batched", "fp32")] if pair is not setup else []) + [(pair, "batched", "bf16")]
+        pair = main if model.bf16_meta_batch == model.meta_batch else setup.subset(model.bf16_meta_batch)
+        jobs += ([(pair, "batched", "fp32")] if pair is not main else []) + [(pair, "batched", "bf16")]
     for job, method, precision in jobs:
         log(f"{model.label} {algorithm} {method} {precision} T={job.meta_batch}")
         job.prepare(method)
         step = lambda m=method, p=precision, s=job: getattr(s, m)(p)
-        first = find(configs, model.label, algorithm, "batched", "fp32")
+        first = find(configs, model.label, algorithm, "batched", "fp32", model.meta_batch)
         warm = first is None or first.get("median_s", 0.0) <= model.long_step_s
         same = find(configs, model.label, algorithm, method, "fp32", job.meta_batch)
         try:
@@ -130,9 +133,9 @@ def _measure_algorithm(plan: Plan, model: ModelPlan, algorithm: str, base: Loade
                         "precision": precision, "meta_batch": job.meta_batch, "tokens": job.tokens,
                         "padded_rows": job.rows, "inner_steps": plan.inner_steps, **timing})
     if algorithm == "fomaml":
-        batched = find(configs, model.label, algorithm, "batched", "fp32")
+        batched = find(configs, model.label, algorithm, "batched", "fp32", model.meta_batch)
         if batched is not None:
-            batched["analytic_flops"] = _analytic_flops(setup, plan.inner_steps)
+            batched["analytic_flops"] = _analytic_flops(main, plan.inner_steps)
     del setup
     gc.collect()
 
@@ -147,5 +150,5 @@ def _analytic_flops(setup: Setup, inner_steps: int) -> float:
 
 def _ffn_shape(base: LoadedModel, model: ModelPlan) -> tuple[int, int, int]:
     cfg = base.model.config
-    rows = META_BATCH * model.shots * model.seq_len
+    rows = model.meta_batch * model.shots * model.seq_len
     return rows, cfg.hidden_size, getattr(cfg, "intermediate_size", 4 * cfg.hidden_size)

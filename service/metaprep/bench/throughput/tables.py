@@ -54,22 +54,22 @@ def result_rows(configs: list[dict], framework: dict | None, memory: list[dict],
 def summary_table(report: dict) -> str:
     """The README table: per model and algorithm, methods and precisions; framework; memory; peak."""
     configs = report["configs"]
-    lines = ["| model | algorithm | batched tasks/s | sequential tasks/s | higher tasks/s | batched ÷ seq | "
-             "batched ÷ higher | batched tokens/s | MFU fp32 | bf16 tasks/s (T) | bf16 ÷ fp32 at that T |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | algorithm (T) | batched tasks/s | sequential tasks/s | higher tasks/s | batched ÷ seq | "
+             "batched ÷ higher | batched tokens/s | MFU fp32 | MFU bf16 | bf16 tasks/s (T) | bf16 ÷ fp32 at that T |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for plan_model in report["plan"]["models"]:
-        model, pair = plan_model["label"], plan_model["bf16_meta_batch"]
+        model, pair, main = plan_model["label"], plan_model["bf16_meta_batch"], plan_model["meta_batch"]
         for a in report["plan"]["algorithms"]:
-            get = lambda method, p="fp32", t=META_BATCH: find(configs, model, a, method, p, t) or {}  # noqa: B023
+            get = lambda method, p="fp32", t=main: find(configs, model, a, method, p, t) or {}  # noqa: B023
             b, s, h = get("batched"), get("sequential"), get("higher")
             b16, f32 = get("batched", "bf16", pair), get("batched", "fp32", pair)
             if not b:
                 continue
             lines.append("| " + " | ".join([
-                model, a, fmt(b.get("tasks_per_s")), fmt(s.get("tasks_per_s")), fmt(h.get("tasks_per_s")),
+                model, f"{a} ({main})", fmt(b.get("tasks_per_s")), fmt(s.get("tasks_per_s")), fmt(h.get("tasks_per_s")),
                 fmt(ratio(b.get("tasks_per_s"), s.get("tasks_per_s")), ".2f"),
                 fmt(ratio(b.get("tasks_per_s"), h.get("tasks_per_s")), ".2f"), fmt(b.get("tokens_per_s"), ".0f"),
-                fmt(b.get("mfu"), ".1%"),
+                fmt(b.get("mfu"), ".1%"), fmt(b16.get("mfu"), ".1%"),
                 f"{fmt(b16.get('tasks_per_s'))} ({pair})" if b16 else "–",
                 fmt(ratio(b16.get("tasks_per_s"), f32.get("tasks_per_s")), ".2f")]) + " |")
     fw = report["framework"]

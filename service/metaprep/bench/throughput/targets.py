@@ -37,12 +37,14 @@ def evaluate_targets(report: dict) -> dict:
             a: ratio(tps(small, a, "batched"), tps(small, a, "higher")) for a in algos}),
     }
     if large:
-        pair = report["plan"]["models"][-1]["bf16_meta_batch"]
+        pair, main = report["plan"]["models"][-1]["bf16_meta_batch"], report["plan"]["models"][-1]["meta_batch"]
         out["bf16_vs_fp32"] = target("bf16_vs_fp32", large, {
             a: ratio(tps(large, a, "batched", "bf16", pair), tps(large, a, "batched", "fp32", pair)) for a in algos})
         out["bf16_vs_fp32"]["meta_batch"] = pair
-        out["mfu_fp32"] = target("mfu_fp32", large, {
-            a: (find(configs, large, a, "batched", "fp32") or {}).get("mfu") for a in algos})
+        for precision, meta_batch in (("fp32", main), ("bf16", pair)):
+            out[f"mfu_{precision}"] = target(f"mfu_{precision}", large, {
+                a: (find(configs, large, a, "batched", precision, meta_batch) or {}).get("mfu") for a in algos})
+            out[f"mfu_{precision}"]["meta_batch"] = meta_batch
     fw = report["framework"]
     ray1 = next((e for e in fw.get("launches", []) if e["launcher"] == "ray_train" and e["workers"] == 1), None)
     if ray1 is not None:
@@ -71,8 +73,10 @@ def profile_for_targets(plan: Plan, targets: dict) -> dict:
         if name == "bf16_vs_fp32":
             pair = large.bf16_meta_batch
             wanted += [(large, "fomaml", "batched", "fp32", pair), (large, "fomaml", "batched", "bf16", pair)]
-        elif name == "mfu_fp32":
-            wanted.append((large, "fomaml", "batched", "fp32", META_BATCH))
+        elif name in ("mfu_fp32", "mfu_bf16"):
+            precision = name.split("_")[1]
+            wanted.append((large, _worst(t), "batched", precision,
+                           large.meta_batch if precision == "fp32" else large.bf16_meta_batch))
         elif name in ("batched_vs_sequential", "batched_vs_higher"):
             other = "sequential" if name == "batched_vs_sequential" else "higher"
             wanted += [(small, _worst(t), "batched", "fp32", META_BATCH), (small, _worst(t), other, "fp32", META_BATCH)]
@@ -87,9 +91,8 @@ def profile_for_targets(plan: Plan, targets: dict) -> dict:
                 if key in out:
                     continue
                 log(f"profile {key}")
-                job = setup if meta_batch == META_BATCH else setup.subset(meta_batch)
-                if precision == "fp32":
-                    getattr(job, method)(precision)  # warm-up (bf16 steps are long: the fp32 one warmed the model)
+                job = setup if meta_batch == setup.meta_batch else setup.subset(meta_batch)
+                getattr(job, method)(precision)  # warm-up
                 out[key] = profile_step(lambda s=job, m=method, p=precision: getattr(s, m)(p))
             del setup
             gc.collect()
@@ -129,15 +132,18 @@ def explain(name: str, report: dict) -> str:
         return (f"bf16 is not faster than fp32 on this CPU ({cpu}): {kernels}. Without native bf16 GEMMs "
                 f"(AVX512-BF16/AMX) the bf16 path converts operands and accumulates in fp32, and autocast adds "
                 f"fp32<->bf16 casts. {step}. The 2x target needs a CPU with native bf16 or a GPU.")
-    if name == "mfu_fp32":
+    if name in ("mfu_fp32", "mfu_bf16"):
+        precision, target = name.split("_")[1], report["targets"][name]
+        algorithm = _worst(target)
         lin = machine.get("linear_gflops", {}).get(large, {})
-        prof = profiles.get(profile_key(large, "fomaml", "batched", "fp32"), {})
-        share, mm = prof.get("matmul_share"), prof.get("matmul_gflops")
-        bound = share * mm / peak["fp32_gflops"] if share and mm else None
-        return (f"Profile of the {large} fomaml fp32 meta-step: matmuls take {fmt(share, '.0%')} of op time and run "
-                f"at {fmt(mm, '.1f')} GFLOP/s ({fmt(mm / peak['fp32_gflops'] if mm else None, '.0%')} of the "
-                f"{peak['fp32_gflops']:.1f} GFLOP/s square-matmul peak: the model's matmuls are skinny, e.g. "
-                f"F.linear {lin.get('shape')} reaches {fmt(lin.get('fp32'), '.1f')} GFLOP/s); the rest is "
+        prof = profiles.get(profile_key(large, algorithm, "batched", precision, target["meta_batch"]), {})
+        share, mm, top = prof.get("matmul_share"), prof.get("matmul_gflops"), peak[f"{precision}_gflops"]
+        bound = share * mm / top if share and mm else None
+        linear = lin.get("fp32" if precision == "fp32" else "bf16_autocast")
+        return (f"Profile of the {large} {algorithm} {precision} meta-step: matmuls take {fmt(share, '.0%')} of op "
+                f"time and run at {fmt(mm, '.1f')} GFLOP/s ({fmt(mm / top if mm else None, '.0%')} of the "
+                f"{top:.1f} GFLOP/s square-matmul peak: the model's matmuls are skinny, e.g. "
+                f"F.linear {lin.get('shape')} reaches {fmt(linear, '.1f')} GFLOP/s); the rest is "
                 f"elementwise ops (RMSNorm, SiLU, RoPE, the LoRA/TARP batched products), the softmax/cross-entropy "
                 f"over the 49k vocabulary, AdamW and dispatch. MFU <= matmul share x matmul efficiency = "
                 f"{fmt(bound, '.0%')}. Top ops: "

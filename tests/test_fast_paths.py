@@ -1,0 +1,96 @@
+"""The exact savings of issue 17: loss at target positions only, trimmed padding, allocator and attention choice."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from metaprep.config import MetaTrainConfig, TinyModelConfig, load_config
+from metaprep.meta.build import needs_eager_attention
+from metaprep.meta.model import lm_task_losses
+from metaprep.models.base import build_tiny_llama
+from metaprep.runtime import configure_process, keep_freed_memory
+from metaprep.tasks.base import TaskBatch
+from metaprep.tasks.synthetic import make_synthetic_tasks
+
+
+def _batch(t: int = 3, n: int = 2, length: int = 20, seed: int = 0) -> TaskBatch:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 250, (t, n, length), generator=gen)
+    mask = torch.zeros(t, n, length, dtype=torch.long)
+    labels = torch.full((t, n, length), -100)
+    for i in range(t):
+        for j in range(n):
+            used = 5 + 3 * i + j  # ragged, right-padded; the prompt (2 tokens) is not a target
+            mask[i, j, :used] = 1
+            labels[i, j, 2:used] = ids[i, j, 2:used]
+    return TaskBatch(ids, labels, mask)
+
+
+def _full_logits_losses(lm, batch: TaskBatch) -> torch.Tensor:
+    """The definition: logits at every position, cross entropy over targets, mean per task."""
+    t, n, length = batch.input_ids.shape
+    logits = lm(input_ids=batch.input_ids.view(t * n, length),
+                attention_mask=batch.attention_mask.view(t * n, length)).logits[:, :-1]
+    labels = batch.labels.view(t * n, length)[:, 1:]
+    tok = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
+                          reduction="none").view(t, -1)
+    return tok.sum(1) / (labels != -100).view(t, -1).sum(1)
+
+
+def test_head_at_targets_and_trimmed_padding_give_the_full_loss_and_gradient() -> None:
+    lm = build_tiny_llama(TinyModelConfig())
+    batch = _batch()
+    fast = lm_task_losses(lm, batch)
+    ref = _full_logits_losses(lm, batch)
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-6)
+    weights = torch.tensor([0.3, 1.0, 2.0])  # per-task weights: a task mix-up would change the gradient
+    g_fast = torch.autograd.grad((fast * weights).sum(), list(lm.parameters()))
+    g_ref = torch.autograd.grad((ref * weights).sum(), list(lm.parameters()))
+    for a, b in zip(g_fast, g_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # more right padding changes nothing: the columns after the longest example are dropped
+    padded = TaskBatch(F.pad(batch.input_ids, (0, 12)), F.pad(batch.labels, (0, 12), value=-100),
+                       F.pad(batch.attention_mask, (0, 12)))
+    torch.testing.assert_close(lm_task_losses(lm, padded), fast, rtol=1e-5, atol=1e-6)
+
+
+def test_a_model_outside_the_list_gets_full_logits() -> None:
+    lm = build_tiny_llama(TinyModelConfig())
+    batch = _batch(seed=1)
+    ref = lm_task_losses(lm, batch)
+    lm.config.model_type = "unlisted"
+    torch.testing.assert_close(lm_task_losses(lm, batch), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
+def test_configure_process_sets_threads_and_the_allocator(monkeypatch: pytest.MonkeyPatch) -> None:
+    before = torch.get_num_threads()
+    try:
+        configure_process(1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert keep_freed_memory() is True
+    monkeypatch.setenv("METAPREP_KEEP_FREED_MEMORY", "0")
+    assert keep_freed_memory() is False
+
+
+def test_eager_attention_for_second_order_and_cpu_bf16_only() -> None:
+    def cfg(*overrides: str) -> MetaTrainConfig:
+        return load_config(MetaTrainConfig, None, list(overrides))
+
+    assert not needs_eager_attention(cfg("algorithm=fomaml"))
+    assert needs_eager_attention(cfg("algorithm=maml"))
+    assert needs_eager_attention(cfg("algorithm=fomaml", "distributed.precision=bf16"))
+    assert not needs_eager_attention(cfg("algorithm=fomaml", "distributed.precision=bf16", "distributed.use_gpu=true"))
+
+
+def test_synthetic_letters_set_the_example_length() -> None:
+    short, long = (make_synthetic_tasks(3, letters=k, seed=0)[0].examples[0] for k in (3, 30))
+    assert len(short.prompt.split()) == 4 and len(long.prompt.split()) == 31  # letters and '='
+    assert len(long.target.split()) == 30
+    assert load_config(MetaTrainConfig, None, ["tasks.synthetic_letters=30"]).tasks.synthetic_letters == 30
