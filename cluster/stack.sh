@@ -44,7 +44,12 @@ up_ray() {
     fi
   done
   # Jobs inherit this environment: where state lives and where MLflow is.
+  # `ray start` turns --node-ip-address=127.0.0.1 into the machine's address, and Ray's gRPC servers
+  # (GCS, raylet, workers) listen on 0.0.0.0 unless the node address is 127.0.0.1. With Ray's
+  # single-machine mode (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0) the node address stays the loopback,
+  # so every server of the local stack listens on 127.0.0.1 only (issue 22; tests/test_stack_network.py).
   METAPREP_STATE_DIR="$STATE" MLFLOW_TRACKING_URI="$MLFLOW_URI" RAY_TRAIN_V2_ENABLED=1 \
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 \
     ray start --head --node-ip-address="$HOST" --port="$RAY_PORT" \
       --dashboard-host="$HOST" --dashboard-port="$DASHBOARD_PORT" --num-cpus="$RAY_NUM_CPUS" \
       --include-dashboard=true --disable-usage-stats > "$STATE/ray-start.log" 2>&1 || {

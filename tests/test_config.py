@@ -90,3 +90,19 @@ def test_second_order_through_adam_is_flagged() -> None:
     assert flagged.second_order and "prefer sgd for second order" in flagged.advisories()[0]
     for overrides in (["algorithm=maml"], ["algorithm=fomaml", "meta.inner_optimizer=adam"]):
         assert load_config(MetaTrainConfig, tiny, overrides).advisories() == []
+
+
+@pytest.mark.parametrize("text, overrides, expected", [
+    # the recipe sets meta.inner_lr on line 2; the flag overrides it: the error names the flag
+    ("meta:\n  inner_lr: 0.1\n", ["meta.inner_lr=abc"], "--set meta.inner_lr=abc: meta.inner_lr: expected float"),
+    ("meta:\n  inner_lr: 0.1\n", ["meta.inner_lr=0"], "--set meta.inner_lr=0: meta.inner_lr: must be a finite"),
+    ("meta:\n  inner_lr: 0.1\n", ["meta.foo=1"], "--set meta.foo=1: unknown key 'meta.foo'"),
+    ("reparam:\n  rank: 4\n", ["reparam.targets=[q_proj, [1]]"], "--set reparam.targets=[q_proj, [1]]: "),
+    # a value the recipe sets is blamed on its line, also when the check runs after parsing
+    ("meta:\n  inner_steps: 0\n", [], "r.yaml:2: meta.inner_steps: must be >= 1"),
+])
+def test_errors_name_where_the_key_was_set(tmp_path, text, overrides, expected) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(MetaTrainConfig, _write(tmp_path, text), overrides)
+    message = str(err.value)
+    assert (message.startswith(expected) or message.endswith(expected + ", got 0")) and "\n" not in message, message

@@ -145,6 +145,9 @@ class DistributedConfig:
     precision: str = _help("bf16 = autocast", "fp32", choices=("fp32", "bf16"))
     cpus_per_worker: int = _help("CPUs reserved per worker", 1)
     torch_threads: int = _help("torch intra-op threads per worker (0 = cpus_per_worker)", 0)
+    activation_checkpointing: bool = _help(
+        "recompute each decoder layer's activations in backward (inner loop and outer step; second order "
+        "included): less memory for about a third more compute; ZeRO stages 1-2", False)
 
 
 @dataclass
@@ -224,6 +227,9 @@ class MetaTrainConfig:
         if self.meta.warm_start_steps >= self.meta.meta_steps or (self.meta.warm_start_steps and not spec.meta_trains):
             raise ConfigError(f"meta.warm_start_steps: must be < meta.meta_steps ({self.meta.meta_steps}) and 0 for "
                               f"algorithms that do not meta-train, got {self.meta.warm_start_steps}")
+        if self.distributed.activation_checkpointing and self.distributed.zero_stage == 3:
+            raise ConfigError("distributed.activation_checkpointing: needs distributed.zero_stage 1 or 2 (ZeRO-3 "
+                              "releases the layer weights that the recomputation reads), got 3")
         from metaprep.tasks.families import ENCODER_FAMILIES
 
         if self.tasks.family in ENCODER_FAMILIES and not spec.encoder_ok:
@@ -316,8 +322,13 @@ def from_dict(cls: type, data: dict, source: str = "<config>", lines: dict[str, 
     return cls(**kwargs)
 
 
-def _where(source: str, lines: dict[str, int], dotted: str) -> str:
+def _where(source: str, lines: dict[str, int | str], dotted: str) -> str:
+    """``recipe.yaml:LINE: `` of a key, or ``--set KEY=VALUE: `` for a key set on the command line."""
     line = lines.get(dotted)
+    if line is None and dotted.endswith("[]"):
+        line = lines.get(dotted[:-2])
+    if isinstance(line, str):
+        return f"{line}: "
     return f"{source}:{line}: " if line else f"{source}: "
 
 
@@ -360,8 +371,21 @@ def load_config(cls: type, path: str | Path | None, overrides: list[str] | None 
         data, lines = load_yaml(path)
         source = str(path)
     data = apply_overrides(data, overrides or [])
+    for item in overrides or []:  # an error in an overridden key names the flag, not the recipe's line
+        key = item.split("=", 1)[0].strip()
+        lines = {k: v for k, v in lines.items() if k != key and not k.startswith(key + ".")}
+        lines[key] = f"--set {item}"
     cfg = from_dict(cls, data, source, lines)
-    return cfg.validate() if hasattr(cfg, "validate") else cfg
+    if not hasattr(cfg, "validate"):
+        return cfg
+    try:
+        return cfg.validate()
+    except ConfigError as exc:  # "KEY: problem": say where KEY was set
+        key = str(exc).split(":", 1)[0]
+        where = lines.get(key)
+        if where is None or str(exc).startswith(str(where)):
+            raise
+        raise ConfigError(f"{where if isinstance(where, str) else f'{source}:{where}'}: {exc}") from None
 
 
 def config_reference(cls: type = None, prefix: str = "") -> str:

@@ -12,6 +12,7 @@ from torch import nn
 
 from metaprep.config import MetaTrainConfig
 from metaprep.meta.algorithm import ALGORITHMS, MetaAlgorithm
+from metaprep.meta.checkpointing import checkpoint_decoder_layers
 from metaprep.meta.mc_scorer import MCScorer
 from metaprep.meta.model import MetaModel
 from metaprep.models.base import LoadedModel, load_base_model, resolve_path
@@ -70,6 +71,8 @@ def build_meta_model(cfg: MetaTrainConfig, loaded: LoadedModel | None = None) ->
         loaded.model.set_attn_implementation("eager")
     model_cls = MCScorer if cfg.tasks.family in ENCODER_FAMILIES else MetaModel
     model = model_cls(loaded.model, cfg.reparam, cfg.search if spec.uses_tams else None, seed=cfg.seed)
+    if cfg.distributed.activation_checkpointing:
+        checkpoint_decoder_layers(model.lm, model.ctx)
     for p in model.lm.parameters():
         p.requires_grad_(spec.meta_trains and not cfg.meta.freeze_base)
     for p in model.fast_init.parameters():

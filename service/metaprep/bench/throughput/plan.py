@@ -45,7 +45,16 @@ class ModelPlan:
     bf16_meta_batch: int = META_BATCH  # meta-batch of the fp32-vs-bf16 pair
     meta_batch: int = META_BATCH  # meta-batch of the batched, sequential and higher measurements
     letters: int = 3  # tasks.synthetic_letters: examples of about 2 * letters + 4 tokens
+    activation_checkpointing: bool = False  # distributed.activation_checkpointing of every configuration
+    meta_batches: dict = dataclasses.field(default_factory=dict)  # algorithm -> meta-batch where memory bounds it
     long_step_s: float = 5.0  # once this model's batched step is longer, later configurations skip the warm-up
+
+
+def batch_of(model: ModelPlan | dict, algorithm: str, bf16: bool = False) -> int:
+    """The meta-batch ``algorithm`` is measured at on ``model`` (a ModelPlan or its dict in a report):
+    ``meta_batches[algorithm]`` where set, else ``meta_batch`` (``bf16_meta_batch`` for the fp32-vs-bf16 pair)."""
+    m = model if isinstance(model, dict) else dataclasses.asdict(model)
+    return m.get("meta_batches", {}).get(algorithm) or (m["bf16_meta_batch"] if bf16 else m["meta_batch"])
 
 
 @dataclasses.dataclass
@@ -58,6 +67,7 @@ class Plan:
     memory_model: str = ""  # label of the model of the memory sweep
     memory_inner_steps: tuple[int, ...] = (1, 2, 3, 4, 5)
     memory_parallel: int = 2
+    memory_meta_batch: int = 0  # meta-batch of the memory probes (0: the memory model's meta_batch)
     framework: bool = True
     framework_steps: int = 8
     profile: bool = True
@@ -125,11 +135,12 @@ def meta_config(model: ModelPlan, algorithm: str, inner_steps: int, precision: s
         "reparam.rank=4", "tasks.family=synthetic", "tasks.num_tasks=48", f"tasks.shots={model.shots}",
         f"tasks.query_size={model.query_size}", f"tasks.seq_len={model.seq_len}",
         f"tasks.synthetic_letters={model.letters}",
-        f"meta.meta_batch_size={max(model.meta_batch, model.bf16_meta_batch)}",
+        f"meta.meta_batch_size={max(model.meta_batch, model.bf16_meta_batch, *model.meta_batches.values())}",
         f"meta.inner_steps={inner_steps}", "meta.inner_lr=0.1",
         "meta.eval_tasks=1", "meta.eval_every=1000000", f"distributed.precision={precision}",
         "distributed.zero_stage=1", f"distributed.cpus_per_worker={threads}", f"distributed.torch_threads={threads}",
         "checkpoint.every=0", "checkpoint.select=last", "registry.register=false",
+        f"distributed.activation_checkpointing={str(model.activation_checkpointing).lower()}",
     ])
 
 

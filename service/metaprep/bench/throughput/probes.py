@@ -57,6 +57,8 @@ def _memory_main(payload: dict) -> dict:
     model = ModelPlan(**payload["model"])
     base = load_base_model(meta_config(model, payload["algorithm"], 1).model)
     setup = Setup(model, payload["algorithm"], payload["inner_steps"], base)
+    size = payload.get("meta_batch") or model.meta_batch
+    setup = setup.subset(size) if size != setup.meta_batch else setup
     del base
     gc.collect()
     before, _ = _rss_mb()
@@ -167,9 +169,11 @@ def memory_sweep(plan: Plan) -> list[dict]:
 
     def one(job):
         order, algorithm, k = job
+        size = plan.memory_meta_batch or model.meta_batch
         info = _probe("memory", {"model": dataclasses.asdict(model), "algorithm": algorithm, "inner_steps": k,
-                                 "threads": 1}, timeout=900)
-        return {"model": model.label, "order": order, "algorithm": algorithm, "inner_steps": k, **info}
+                                 "threads": 1, "meta_batch": size}, timeout=900)
+        return {"model": model.label, "order": order, "algorithm": algorithm, "inner_steps": k, "meta_batch": size,
+                **info}
 
     with ThreadPoolExecutor(max_workers=plan.memory_parallel) as pool:
         return list(pool.map(one, jobs))

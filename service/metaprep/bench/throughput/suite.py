@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from metaprep.bench.throughput.peak import linear_gflops, machine_info, matmul_peak
-from metaprep.bench.throughput.plan import ModelPlan, Plan, log, make_plan, meta_config
+from metaprep.bench.throughput.plan import ModelPlan, Plan, batch_of, log, make_plan, meta_config
 from metaprep.bench.throughput.probes import framework_overhead, memory_sweep
 from metaprep.bench.throughput.setup import Setup
 from metaprep.bench.throughput.tables import find, result_rows, summary_table
@@ -105,18 +105,19 @@ def _run(plan: Plan, args: argparse.Namespace) -> dict:
 def _measure_algorithm(plan: Plan, model: ModelPlan, algorithm: str, base: LoadedModel, configs: list[dict]) -> None:
     """Time every method and precision the plan asks of one algorithm on one model; append to ``configs``."""
     setup = Setup(model, algorithm, plan.inner_steps, base)
-    main = setup.subset(model.meta_batch) if setup.meta_batch != model.meta_batch else setup
+    size, pair_size = batch_of(model, algorithm), batch_of(model, algorithm, bf16=True)
+    main = setup.subset(size) if setup.meta_batch != size else setup
     jobs = [(main, "batched", "fp32")]
     if algorithm in model.baselines:
         jobs += [(main, "sequential", "fp32"), (main, "higher", "fp32")]
     if algorithm in model.bf16:
-        pair = main if model.bf16_meta_batch == model.meta_batch else setup.subset(model.bf16_meta_batch)
+        pair = main if pair_size == size else setup.subset(pair_size)
         jobs += ([(pair, "batched", "fp32")] if pair is not main else []) + [(pair, "batched", "bf16")]
     for job, method, precision in jobs:
         log(f"{model.label} {algorithm} {method} {precision} T={job.meta_batch}")
         job.prepare(method)
         step = lambda m=method, p=precision, s=job: getattr(s, m)(p)
-        first = find(configs, model.label, algorithm, "batched", "fp32", model.meta_batch)
+        first = find(configs, model.label, algorithm, "batched", "fp32", size)
         warm = first is None or first.get("median_s", 0.0) <= model.long_step_s
         same = find(configs, model.label, algorithm, method, "fp32", job.meta_batch)
         try:
@@ -133,7 +134,7 @@ def _measure_algorithm(plan: Plan, model: ModelPlan, algorithm: str, base: Loade
                         "precision": precision, "meta_batch": job.meta_batch, "tokens": job.tokens,
                         "padded_rows": job.rows, "inner_steps": plan.inner_steps, **timing})
     if algorithm == "fomaml":
-        batched = find(configs, model.label, algorithm, "batched", "fp32", model.meta_batch)
+        batched = find(configs, model.label, algorithm, "batched", "fp32", size)
         if batched is not None:
             batched["analytic_flops"] = _analytic_flops(main, plan.inner_steps)
     del setup

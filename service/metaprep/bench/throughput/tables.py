@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from metaprep.bench.report import result
-from metaprep.bench.throughput.plan import META_BATCH
+from metaprep.bench.throughput.plan import META_BATCH, batch_of
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -58,8 +58,9 @@ def summary_table(report: dict) -> str:
              "batched ÷ higher | batched tokens/s | MFU fp32 | MFU bf16 | bf16 tasks/s (T) | bf16 ÷ fp32 at that T |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for plan_model in report["plan"]["models"]:
-        model, pair, main = plan_model["label"], plan_model["bf16_meta_batch"], plan_model["meta_batch"]
+        model = plan_model["label"]
         for a in report["plan"]["algorithms"]:
+            main, pair = batch_of(plan_model, a), batch_of(plan_model, a, bf16=True)
             get = lambda method, p="fp32", t=main: find(configs, model, a, method, p, t) or {}  # noqa: B023
             b, s, h = get("batched"), get("sequential"), get("higher")
             b16, f32 = get("batched", "bf16", pair), get("batched", "fp32", pair)
@@ -83,9 +84,10 @@ def summary_table(report: dict) -> str:
                          f"| {fmt(e.get('tasks_per_s'))} | {fmt(e.get('overhead_vs_plain_torch'), '+.0%')} |"
                          + (f" error: {e['error']}" if e.get("error") else ""))
     if report["memory"]:
-        model = report["memory"][0]["model"]
-        lines += ["", f"Peak RSS per worker, MB ({model}, one batched meta-step in a fresh process; in brackets the "
-                      "growth during the step):", "", "| inner steps | first order (fomaml) | second order (maml) |",
+        model, size = report["memory"][0]["model"], report["memory"][0].get("meta_batch")
+        lines += ["", f"Peak RSS per worker, MB ({model}, meta-batch {size}, one batched meta-step in a fresh "
+                      "process; in brackets the growth during the step):", "",
+                  "| inner steps | first order (fomaml) | second order (maml) |",
                   "|---|---|---|"]
         for k in sorted({m["inner_steps"] for m in report["memory"]}):
             cells = []

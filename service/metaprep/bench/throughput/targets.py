@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gc
 
-from metaprep.bench.throughput.plan import META_BATCH, TARGETS, ModelPlan, Plan, log, meta_config
+from metaprep.bench.throughput.plan import META_BATCH, TARGETS, ModelPlan, Plan, batch_of, log, meta_config
 from metaprep.bench.throughput.setup import Setup
 from metaprep.bench.throughput.tables import find, fmt, ratio
 from metaprep.bench.throughput.timing import profile_step
@@ -37,14 +37,17 @@ def evaluate_targets(report: dict) -> dict:
             a: ratio(tps(small, a, "batched"), tps(small, a, "higher")) for a in algos}),
     }
     if large:
-        pair, main = report["plan"]["models"][-1]["bf16_meta_batch"], report["plan"]["models"][-1]["meta_batch"]
+        plan = report["plan"]["models"][-1]
+        pairs = {a: batch_of(plan, a, bf16=True) for a in algos}
         out["bf16_vs_fp32"] = target("bf16_vs_fp32", large, {
-            a: ratio(tps(large, a, "batched", "bf16", pair), tps(large, a, "batched", "fp32", pair)) for a in algos})
-        out["bf16_vs_fp32"]["meta_batch"] = pair
-        for precision, meta_batch in (("fp32", main), ("bf16", pair)):
+            a: ratio(tps(large, a, "batched", "bf16", t), tps(large, a, "batched", "fp32", t))
+            for a, t in pairs.items()})
+        out["bf16_vs_fp32"]["meta_batch"] = pairs
+        for precision in ("fp32", "bf16"):
+            sizes = {a: batch_of(plan, a, bf16=precision == "bf16") for a in algos}
             out[f"mfu_{precision}"] = target(f"mfu_{precision}", large, {
-                a: (find(configs, large, a, "batched", precision, meta_batch) or {}).get("mfu") for a in algos})
-            out[f"mfu_{precision}"]["meta_batch"] = meta_batch
+                a: (find(configs, large, a, "batched", precision, t) or {}).get("mfu") for a, t in sizes.items()})
+            out[f"mfu_{precision}"]["meta_batch"] = sizes
     fw = report["framework"]
     ray1 = next((e for e in fw.get("launches", []) if e["launcher"] == "ray_train" and e["workers"] == 1), None)
     if ray1 is not None:
@@ -71,12 +74,11 @@ def profile_for_targets(plan: Plan, targets: dict) -> dict:
         if t["met"] is not False:
             continue
         if name == "bf16_vs_fp32":
-            pair = large.bf16_meta_batch
-            wanted += [(large, "fomaml", "batched", "fp32", pair), (large, "fomaml", "batched", "bf16", pair)]
+            worst, pair = _worst(t), batch_of(large, _worst(t), bf16=True)
+            wanted += [(large, worst, "batched", "fp32", pair), (large, worst, "batched", "bf16", pair)]
         elif name in ("mfu_fp32", "mfu_bf16"):
             precision = name.split("_")[1]
-            wanted.append((large, _worst(t), "batched", precision,
-                           large.meta_batch if precision == "fp32" else large.bf16_meta_batch))
+            wanted.append((large, _worst(t), "batched", precision, batch_of(large, _worst(t), precision == "bf16")))
         elif name in ("batched_vs_sequential", "batched_vs_higher"):
             other = "sequential" if name == "batched_vs_sequential" else "higher"
             wanted += [(small, _worst(t), "batched", "fp32", META_BATCH), (small, _worst(t), other, "fp32", META_BATCH)]
@@ -107,8 +109,9 @@ def explain(name: str, report: dict) -> str:
     large = labels[-1]
     if name == "bf16_vs_fp32":
         lin = machine.get("linear_gflops", {}).get(large, {})
-        pair = report["plan"]["models"][-1]["bf16_meta_batch"]
-        prof = profiles.get(profile_key(large, "fomaml", "batched", "bf16", pair), {})
+        worst = _worst(report["targets"][name])
+        pair = batch_of(report["plan"]["models"][-1], worst, bf16=True)
+        prof = profiles.get(profile_key(large, worst, "batched", "bf16", pair), {})
         instr = ", ".join(machine["bf16_instructions"]) or "none"
         cpu = (f"{machine['cpu']}; bf16 instructions: {instr}; torch CPU capability {machine['cpu_capability']}")
         kernels = (f"the measured torch.mm peak is {peak['bf16_gflops']:.1f} GFLOP/s in bf16 vs "
@@ -118,7 +121,7 @@ def explain(name: str, report: dict) -> str:
         step = (f"Profile of the bf16 meta-step: {fmt(prof.get('matmul_share'), '.0%')} of op time in matmuls at "
                 f"{fmt(prof.get('matmul_gflops'), '.1f')} GFLOP/s, {fmt(prof.get('copy_cast_share'), '.0%')} in "
                 f"casts/copies")
-        fp32 = profiles.get(profile_key(large, "fomaml", "batched", "fp32", pair), {})
+        fp32 = profiles.get(profile_key(large, worst, "batched", "fp32", pair), {})
         share, fast, slow = fp32.get("matmul_share"), lin.get("bf16_autocast"), lin.get("fp32")
         if fast and slow and fast > 1.5 * slow:  # native bf16 GEMMs: the step is bounded by what bf16 does not speed up
             bound = 1 / ((1 - share) + share * slow / fast) if share else None
@@ -136,7 +139,7 @@ def explain(name: str, report: dict) -> str:
         precision, target = name.split("_")[1], report["targets"][name]
         algorithm = _worst(target)
         lin = machine.get("linear_gflops", {}).get(large, {})
-        prof = profiles.get(profile_key(large, algorithm, "batched", precision, target["meta_batch"]), {})
+        prof = profiles.get(profile_key(large, algorithm, "batched", precision, target["meta_batch"][algorithm]), {})
         share, mm, top = prof.get("matmul_share"), prof.get("matmul_gflops"), peak[f"{precision}_gflops"]
         bound = share * mm / top if share and mm else None
         linear = lin.get("fp32" if precision == "fp32" else "bf16_autocast")
