@@ -94,7 +94,7 @@ status() {
 
 case "${1:-}" in
   up) up_mlflow; up_ray
-      echo "export MLFLOW_TRACKING_URI=$MLFLOW_URI RAY_ADDRESS=http://$HOST:$DASHBOARD_PORT" ;;
+      echo "export MLFLOW_TRACKING_URI=$MLFLOW_URI RAY_ADDRESS=http://$HOST:$DASHBOARD_PORT RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0" ;;
   down) down ;;
   status) status ;;
   *) echo "usage: $0 up|down|status" >&2; exit 2 ;;

@@ -11,6 +11,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
+# The local stack's Ray head runs in Ray's single-machine mode (its servers listen on 127.0.0.1 only);
+# clients in this process and its subprocesses use the same mode (metaprep.runtime.use_loopback_ray).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 def _healthy(url: str) -> bool:

@@ -147,7 +147,7 @@ def test_the_recipe_gives_the_former_plans(tmp_path: Path) -> None:
                       long_step_s=120.0, baselines=(), bf16_meta_batch=4, meta_batch=4, letters=30,
                       meta_batches={"maml": 2})
     assert make_plan(args) == Plan(False, 1, [small, large], memory_model="SmolLM2-135M",
-                                   memory_inner_steps=(1, 3, 5), memory_parallel=1, memory_meta_batch=1)
+                                   memory_inner_steps=(1, 5), memory_parallel=1, memory_meta_batch=1)
     assert make_plan(args).algorithms == ALGORITHMS
     quick = make_plan(argparse.Namespace(quick=True, model_path="/m/stories260K"))
     assert quick == Plan(True, 1, [ModelPlan("stories260K", "/m/stories260K", shots=2, query_size=2, seq_len=16,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -31,7 +32,44 @@ def keep_freed_memory() -> bool:
     return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
+def release_freed_memory() -> None:
+    """Return the heap's free pages to the OS (glibc ``malloc_trim``): for a long-lived process between
+    phases, e.g. the throughput suite after one model's measurements and before its memory probes."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
+
 def configure_process(threads: int) -> None:
     """Intra-op threads for this process and the allocator setting above."""
     torch.set_num_threads(max(1, int(threads)))
     keep_freed_memory()
+
+
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # Ray's single-machine mode: node address = 127.0.0.1
+
+
+def use_loopback_ray(address: str | None) -> bool:
+    """Put this process in Ray's single-machine mode when ``address`` is a Ray head on the loopback.
+
+    ``make up`` starts the head in that mode so its servers listen on 127.0.0.1 only; Ray otherwise
+    turns 127.0.0.1 into the machine's address and a client would look for the head there. ``None`` and
+    ``auto`` mean the cluster this machine last started (``/tmp/ray/ray_current_cluster``). A remote head
+    leaves the process as it is. Call before ``ray.init``.
+    """
+    host = (address or "auto").split("://")[-1].rsplit(":", 1)[0]
+    if host == "auto":
+        try:
+            host = Path("/tmp/ray/ray_current_cluster").read_text().strip().rsplit(":", 1)[0]
+        except OSError:
+            return False
+    if host not in ("127.0.0.1", "localhost"):
+        return False
+    os.environ[LOOPBACK_ENV] = "0"
+    if "ray" in sys.modules:  # already imported: the constant was read at import
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    return True

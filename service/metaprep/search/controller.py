@@ -35,7 +35,9 @@ class ArchController(nn.Module):
         tasks share the batch, so sharding a meta-batch over workers does not change the draws;
         without them the noise comes from the global RNG.
         """
-        logits = self.logits(z)
+        # fp32 also under bf16 autocast: in bf16 the clamp's upper bound 1 - 1e-7 rounds to 1.0, so a draw
+        # of u = 1 gave log(-log(u)) = log(0) and a NaN architecture (every mltd step skipped in bf16)
+        logits = self.logits(z).float()
         if not sample:
             return F.one_hot(logits.argmax(-1), len(self.ops)).to(logits.dtype)
         if noise_seeds is None:

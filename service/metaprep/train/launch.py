@@ -22,6 +22,7 @@ from typing import Any
 
 from metaprep.config import MetaTrainConfig, flatten
 from metaprep.errors import MetaprepError, TrainingDivergedError
+from metaprep.runtime import use_loopback_ray
 
 RUN_FILE = "metaprep_run.json"  # {run_id, tracking_uri}: how --resume finds the MLflow run of a Ray run
 STATUS_FILE = "metaprep_final.json"  # the final metrics, written by the rank-0 worker (a diverged run included)
@@ -72,6 +73,7 @@ def init_ray(log_to_driver: bool) -> None:
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
+    use_loopback_ray(address)
     if address and address.startswith(("http://", "https://")):
         # the dashboard URL `make up` prints is for `ray job submit`; a driver finds the cluster itself
         # (ray.init("auto") would read the URL back from the environment and refuse it)

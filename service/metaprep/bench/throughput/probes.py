@@ -22,7 +22,7 @@ from metaprep.bench.throughput.plan import MEMORY_ORDERS, META_BATCH, ModelPlan,
 from metaprep.bench.throughput.setup import Setup
 from metaprep.config import MetaTrainConfig, from_dict, to_dict
 from metaprep.models.base import load_base_model
-from metaprep.runtime import configure_process
+from metaprep.runtime import configure_process, use_loopback_ray
 
 
 def _probe(mode: str, payload: dict, timeout: float) -> dict:
@@ -87,6 +87,7 @@ def _ray_main(payload: dict) -> dict:
     from metaprep.train.ray_job import build_trainer
 
     cfg = from_dict(MetaTrainConfig, payload["cfg"]).validate()
+    use_loopback_ray(payload.get("address", "auto"))
     ray.init(address=payload.get("address", "auto"), log_to_driver=False)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="metaprep-throughput-") as storage:

@@ -21,7 +21,7 @@ from metaprep.bench.throughput.targets import evaluate_targets, explain, profile
 from metaprep.bench.throughput.timing import measure
 from metaprep.models.base import LoadedModel, load_base_model
 from metaprep.reparam.layers import ReparamLinear
-from metaprep.runtime import keep_freed_memory
+from metaprep.runtime import keep_freed_memory, release_freed_memory
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -58,6 +58,7 @@ def _run(plan: Plan, args: argparse.Namespace) -> dict:
         shape = _ffn_shape(base, model)
         del base
         gc.collect()
+        release_freed_memory()  # the memory probes run next to this process
         machine.setdefault("linear_gflops", {})[model.label] = {
             "shape": shape, "fp32": linear_gflops(*shape, bf16=False, min_time=0.5),
             "bf16_autocast": linear_gflops(*shape, bf16=True, min_time=0.5)}
@@ -137,8 +138,11 @@ def _measure_algorithm(plan: Plan, model: ModelPlan, algorithm: str, base: Loade
         batched = find(configs, model.label, algorithm, "batched", "fp32", size)
         if batched is not None:
             batched["analytic_flops"] = _analytic_flops(main, plan.inner_steps)
-    del setup
+    del setup, main, jobs, job, step  # every reference to the engine, so its memory can be returned
+    if algorithm in model.bf16:
+        del pair
     gc.collect()
+    release_freed_memory()
 
 
 def _analytic_flops(setup: Setup, inner_steps: int) -> float:
