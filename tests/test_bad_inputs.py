@@ -192,4 +192,4 @@ def test_cli_subprocess_reports_one_line(tmp_path) -> None:
                           cwd=ROOT, capture_output=True, text=True, timeout=60,
                           env={"PATH": "/usr/bin:/bin", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"})
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "error: meta.inner_steps: must be >= 1, got 0"
+    assert proc.stderr.strip() == "error: --set meta.inner_steps=0: meta.inner_steps: must be >= 1, got 0"

@@ -87,18 +87,16 @@ HEAD_AT_TARGETS = frozenset({"llama", "mistral", "qwen2", "qwen3", "gpt2"})
 def lm_task_losses(lm: nn.Module, batch: TaskBatch, head_at_targets: bool = True) -> torch.Tensor:
     """Per-task mean next-token loss on target tokens, (T,), of a causal LM on a (T, n, L) batch.
 
-    Two exact savings (issue 17): columns after the longest example are dropped (right padding
-    changes nothing under a causal mask), and the LM head and cross entropy run only at positions
-    whose next token is a target, not at every position (for SmolLM2 a 49k-vocabulary head on 64
-    positions where a reply has 16 targets is most of the step). Models outside
+    The LM head and cross entropy run only at positions whose next token is a target, not at every
+    position (issue 17: for SmolLM2 a 49k-vocabulary head on 64 positions where a reply has 16 targets
+    is most of the step); the result does not depend on how tasks are sharded. Models outside
     :data:`HEAD_AT_TARGETS`, and ``head_at_targets=False`` (a caller that must run the top-level forward,
     e.g. a ``higher`` functional model whose submodules read parameters the top-level call fills), get full logits.
     """
-    t, n, _ = batch.input_ids.shape
-    length = max(2, int(batch.attention_mask.sum(-1).max()))
-    ids = batch.input_ids[..., :length].reshape(t * n, length)
-    mask = batch.attention_mask[..., :length].reshape(t * n, length)
-    labels = batch.labels[..., 1:length].reshape(t * n, length - 1)
+    t, n, length = batch.input_ids.shape
+    ids = batch.input_ids.reshape(t * n, length)
+    mask = batch.attention_mask.reshape(t * n, length)
+    labels = batch.labels[..., 1:].reshape(t * n, length - 1)
     keep = labels != -100
     head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
     model_type = getattr(getattr(lm, "config", None), "model_type", None)
