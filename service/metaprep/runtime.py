@@ -21,13 +21,21 @@ ENV = "METAPREP_KEEP_FREED_MEMORY"
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameters (malloc.h)
 
 
-def keep_freed_memory() -> bool:
-    """Serve every allocation from the heap and never trim it (glibc ``mallopt``); False where not applied."""
-    if os.environ.get(ENV) == "0" or not sys.platform.startswith("linux"):
-        return False
+def _glibc():
+    """glibc, or None (not Linux, or another C library such as musl)."""
+    if not sys.platform.startswith("linux"):
+        return None
     try:
         libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (musl, ...)
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+
+
+def keep_freed_memory() -> bool:
+    """Serve every allocation from the heap and never trim it (glibc ``mallopt``); False where not applied."""
+    libc = _glibc()
+    if os.environ.get(ENV) == "0" or libc is None:
         return False
     return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
@@ -35,11 +43,9 @@ def keep_freed_memory() -> bool:
 def release_freed_memory() -> None:
     """Return the heap's free pages to the OS (glibc ``malloc_trim``): for a long-lived process between
     phases, e.g. the throughput suite after one model's measurements and before its memory probes."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def configure_process(threads: int) -> None:

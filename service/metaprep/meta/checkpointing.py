@@ -11,6 +11,7 @@ MLtD, flow exactly as without checkpointing (PyTorch's non-reentrant checkpoint 
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -29,8 +30,6 @@ def checkpoint_decoder_layers(lm: nn.Module, ctx: FastContext) -> int:
     The module tree (and so every state-dict key) is unchanged: only the instance's ``forward`` is
     replaced. Without grad (evaluation) the layer runs as is.
     """
-    import torch
-
     layers = decoder_layers(lm)
     for layer in layers:
         forward = layer.forward

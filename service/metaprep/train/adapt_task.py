@@ -120,8 +120,9 @@ def adapt_registered(base: str, controller: str, *, tasks: str | None = None, ta
     # the recipe's worker settings: its thread count (the default of a busy 2-core machine oversubscribes)
     # and its precision
     configure_process(cfg.distributed.torch_threads or cfg.distributed.cpus_per_worker)
-    dtype = torch.bfloat16 if cfg.distributed.precision == "bf16" else None
-    result = adapt(model, support, query, steps, lr, cfg.meta.inner_optimizer, autocast_dtype=dtype)
+    from metaprep.train.step import autocast_dtype
+
+    result = adapt(model, support, query, steps, lr, cfg.meta.inner_optimizer, autocast_dtype=autocast_dtype(cfg))
     curve = [c[0] for c in result.curve]
     if not all(math.isfinite(c) for c in curve):
         raise DataError(f"adaptation diverged (query loss {curve[-1]}) at --lr {lr}; use a smaller --lr")

@@ -33,7 +33,7 @@ from metaprep.runtime import configure_process
 from metaprep.tasks.base import TaskSplit, fixed_episodes, split_tasks
 from metaprep.tasks.families import batch_encoder, load_tasks
 from metaprep.train.select import BestWeights
-from metaprep.train.step import MetaBatches, autocast, make_engine, meta_step
+from metaprep.train.step import MetaBatches, autocast, autocast_dtype, make_engine, meta_step
 from metaprep.train.zero3 import zero3_gathered
 
 STATE_FILE = "trainer_state.json"
@@ -98,9 +98,8 @@ def _updated(engine) -> bool:
 
 def evaluate(model, cfg: MetaTrainConfig, support, query) -> float:
     """Meta-validation: mean query loss after adapting to each val task with the training budget."""
-    dtype = torch.bfloat16 if cfg.distributed.precision == "bf16" else None
     result = adapt(model, support, query, cfg.meta.inner_steps, cfg.meta.inner_lr, cfg.meta.inner_optimizer,
-                   autocast_dtype=dtype)
+                   autocast_dtype=autocast_dtype(cfg))
     return result.query_loss_after
 
 
