@@ -17,6 +17,8 @@ if _SERVICE.is_dir() and str(_SERVICE) not in sys.path:
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # MLflow's telemetry thread edits os.environ while requests read it (KeyError races); nothing to send offline
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# MLflow prints "View run ... at: URL" lines for every run it ends; the jobs print their own progress
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 from metaprep.errors import MetaprepError  # noqa: E402
 

@@ -1,13 +1,16 @@
-"""Adapt a prepared model from the registry to a new task: ``python -m jobs.adapt --base URI --controller URI
+"""Adapt a prepared model from the registry to a new task: ``python -m jobs.adapt --base URI [--controller URI]
 --tasks FILE.jsonl [--task NAME] --shots K --steps N`` (or ``--meta-test``: a held-out task of the recipe's
 family and fixed split, e.g. a ConvAI2 persona the model never saw).
 
 Loads ``NAME-base`` and ``NAME-controller`` by URI (``models:/NAME-base@champion``, a version, or a
-local exported folder), takes K support examples of the task (JSONL: ``{"task", "text"}`` or
-``{"task", "prompt", "target"}``), adapts for N steps and reports query metrics before and after.
-Every run is logged to the MLflow experiment ``metaprep-adapt`` (config, task meta-features,
-learning curve, cost, adapted fast weights) — the meta-dataset the configuration recommender
-learns from.
+local exported folder; the controller defaults to the one prepared with the base), takes K support
+examples of the task (JSONL: ``{"task", "text"}`` or ``{"task", "prompt", "target"}``), adapts for N
+steps and reports query metrics before and after. Every run is logged to the MLflow experiment
+``metaprep-adapt`` (config, task meta-features, learning curve, cost, adapted fast weights) — the
+meta-dataset the configuration recommender learns from. The adapted model can be exported for
+transformers (``--export-merged``) or transformers + peft (``--export-peft``), and registered as an MLflow
+pyfunc model that ``mlflow models serve`` serves (``--register NAME``); exports and names the model cannot
+take are refused before any adaptation.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from jobs._cli import job_parser, run_main, write_summary
 def build_parser() -> argparse.ArgumentParser:
     p = job_parser("python -m jobs.adapt", __doc__.splitlines()[0])
     p.add_argument("--base", required=True, help="models:/NAME-base@ALIAS, models:/NAME-base/VERSION or a folder")
-    p.add_argument("--controller", required=True, help="models:/NAME-controller@ALIAS, .../VERSION or a folder")
+    p.add_argument("--controller", help="models:/NAME-controller@ALIAS, .../VERSION or a folder (default: the "
+                                        "controller registered by --base's run, or the controller/ folder next to it)")
     p.add_argument("--tasks", help="JSONL file (or folder of *.jsonl) with the new task's examples")
     p.add_argument("--meta-test", action="store_true",
                    help="instead of --tasks: a held-out meta-test task of the recipe the model was prepared with "
@@ -36,8 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--query-size", type=int, default=32, help="max query examples (the rest of the task)")
     p.add_argument("--seed", type=int, default=0, help="seed of the support/query draw")
     p.add_argument("--summary-out", help="write the summary JSON here")
-    p.add_argument("--export-merged", metavar="DIR", help="save a merged transformers model (static kinds)")
-    p.add_argument("--export-peft", metavar="DIR", help="save a PEFT LoRA adapter (reparam.kind lora)")
+    p.add_argument("--export-merged", metavar="DIR",
+                   help="save a merged transformers model + tokenizer (static reparam kinds; not TAMS/mltd)")
+    p.add_argument("--export-peft", metavar="DIR",
+                   help="save a PEFT LoRA adapter + tokenizer, its base model in DIR/base (reparam.kind lora)")
+    p.add_argument("--register", metavar="NAME",
+                   help="register the adapted model (any algorithm) as MLflow pyfunc model NAME, served by "
+                        "`mlflow models serve -m models:/NAME/VERSION`")
     p.add_argument("--overwrite", action="store_true",
                    help="let --export-merged/--export-peft write into a non-empty folder (same-named files replaced); "
                         "without it such a folder is refused before any work")
@@ -53,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         args.base, args.controller, tasks=args.tasks, task=args.task, meta_test=args.meta_test,
         data_dir=args.data_dir, shots=args.shots, steps=args.steps, lr=args.lr, query_size=args.query_size,
         seed=args.seed, export_merged=args.export_merged, export_peft=args.export_peft, overwrite=args.overwrite,
-        log_mlflow=not args.no_mlflow)
+        register=args.register, log_mlflow=not args.no_mlflow)
     write_summary(args.summary_out, summary)
     print(json.dumps({k: v for k, v in summary.items() if k != "curve"}, indent=1))
     return 0

@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LM suites: comma-separated methods to run, including finetune; unset: the suite's")
     p.add_argument("--meta-steps", type=int, default=None,
                    help="LM suites: meta-training steps of every method; unset: the suite's")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="LM suites: override a protocol key of the suite's recipe (jobs/configs/bench/*.yaml), e.g. "
+                        "--set precision=bf16 --set threads=2 (repeatable)")
     p.add_argument("--data-dir", default=None, help="shared data root; unset: $METAPREP_DATA_DIR, ../shared/data")
     p.add_argument("--model-path", default=None, help="base model path (see model.path); unset: the suite's")
     p.add_argument("--mc-scorer", default=None,
@@ -55,12 +58,23 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"--seeds must be >= 1, got {args.seeds}")
     if args.meta_steps is not None and args.meta_steps < 1:
         raise ConfigError(f"--meta-steps must be >= 1, got {args.meta_steps}")
+    if args.overrides:
+        from metaprep.bench.protocol import SUITE_RECIPES
+
+        if args.suite not in SUITE_RECIPES:
+            raise ConfigError(f"--set: only the LM suites have protocol keys ({', '.join(SUITE_RECIPES)}); "
+                              f"--suite {args.suite} takes none")
     if args.methods is not None:
         from metaprep.bench.protocol import parse_methods
 
         parse_methods(args.methods)  # before any data is looked for
     for out in (Path(args.out), Path(args.out).with_suffix(".md")):  # before the run, which can take hours
         check_writable(out, "benchmark results", ConfigError)
+    log_to_mlflow = bool(os.environ.get("MLFLOW_TRACKING_URI")) and not args.no_mlflow
+    if log_to_mlflow:  # a store the results could not be logged to: refused before the run as well
+        from metaprep.registry.tracking import reachable_tracking_uri
+
+        reachable_tracking_uri(None)
     module, func = SUITES[args.suite].split(":")
     run = getattr(importlib.import_module(module), func)
     start = time.perf_counter()
@@ -71,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     md_path = Path(args.out).with_suffix(".md")
     md_path.write_text(f"### {args.suite}\n\n{table}\nruntime: {report['runtime_s']} s\n")
     print(table)
-    if os.environ.get("MLFLOW_TRACKING_URI") and not args.no_mlflow:
+    if log_to_mlflow:
         from metaprep.registry.tracking import log_benchmark
 
         log_benchmark(report, [Path(args.out), md_path, *map(Path, report.get("plots", []))])

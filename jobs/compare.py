@@ -14,8 +14,9 @@ import json
 from pathlib import Path
 
 from jobs._cli import job_parser, run_main
-from metaprep.bench.lm_report import paired_differences
+from metaprep.bench.lm_report import RUN_FIELDS, paired_differences, run_record_problem
 from metaprep.errors import ConfigError
+from metaprep.jsonio import read_json
 
 MAY_DIFFER = ("meta_steps", "methods", "quick")
 
@@ -24,19 +25,32 @@ def _side(spec: str) -> tuple[Path, str, dict]:
     path, sep, method = spec.rpartition(":")
     if not sep or not path or not method:
         raise ConfigError(f"{spec!r}: expected RESULT.json:METHOD, e.g. results/persona_stories260k.json:mltd")
-    try:
-        report = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: result file not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{path}: not a jobs.benchmark result JSON ({exc})") from None
+    report = read_json(Path(path), "result file", ConfigError)
     if not isinstance(report, dict) or "runs" not in report or "protocol" not in report:
         raise ConfigError(f"{path}: not an LM-suite result (no 'runs'/'protocol'); suites: persona, multidomain, "
                           f"summarization, convai2_mc")
+    _check_report(report, path, method)
     methods = sorted({r["method"] for r in report["runs"]})
     if method not in methods:
         raise ConfigError(f"{path}: no runs of method {method!r}; it has {', '.join(methods)}")
     return Path(path), method, report
+
+
+def _check_report(report: dict, path: str, method: str) -> None:
+    """The parts of a result file that :func:`compare` reads: ``protocol.meta_steps``, every run's method and the
+    fields of ``method``'s runs (:func:`metaprep.bench.lm_report.run_record_problem`)."""
+    protocol, runs = report["protocol"], report["runs"]
+    if not isinstance(protocol, dict) or isinstance(protocol.get("meta_steps"), bool) \
+            or not isinstance(protocol.get("meta_steps"), int):
+        raise ConfigError(f"{path}: 'protocol' must be an object with an integer 'meta_steps'")
+    if not isinstance(runs, list) or not runs:
+        raise ConfigError(f"{path}: 'runs' must be a non-empty list of run records ({RUN_FIELDS})")
+    for i, record in enumerate(runs):
+        if not isinstance(record, dict) or not isinstance(record.get("method"), str):
+            raise ConfigError(f"{path}: runs[{i}]: {run_record_problem(record) or 'method must be a string'}")
+        problem = run_record_problem(record) if record["method"] == method else None
+        if problem:
+            raise ConfigError(f"{path}: runs[{i}] (method {method!r}): {problem}")
 
 
 def compare(a: str, b: str) -> dict:

@@ -24,7 +24,8 @@ import sys
 from pathlib import Path
 
 from jobs._cli import job_parser, run_main, write_summary
-from metaprep.errors import ConfigError, DataError
+from metaprep.errors import ConfigError
+from metaprep.jsonio import check_writable, parse_json, read_json, read_jsonl
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,30 +45,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _json_arg(value: str, flag: str) -> object:
-    """Inline JSON, or the path of a JSON file."""
-    text = value
-    if not value.lstrip().startswith(("{", "[")):
-        path = Path(value)
-        if not path.is_file():
-            raise ConfigError(f"{flag} {value!r}: neither inline JSON nor an existing file")
-        text = path.read_text()
-        if path.suffix == ".jsonl":
-            return _jsonl(path, flag)
+    """Inline JSON, or the path of a JSON file (a ``.jsonl`` file: the list of its line objects)."""
+    if value.lstrip().startswith(("{", "[")):
+        return parse_json(value, flag, ConfigError, inline=True)
+    path = Path(value)
+    if not path.is_file():
+        raise ConfigError(f"{flag} {value!r}: neither inline JSON nor an existing file")
+    if path.suffix == ".jsonl":
+        return [obj for _, obj in read_jsonl(path, f"{flag} file")]
+    return read_json(path, f"{flag} file")
+
+
+def _short(value: object, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters (a 4000-digit number stays one readable line)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _finite_number(value: object) -> float | None:
+    """``value`` as a finite float, or None when it is not a JSON number (or too large for a float)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
     try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{flag}: malformed JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
-
-
-def _jsonl(path: Path, flag: str) -> list:
-    out = []
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
-        if line.strip():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg}) in {flag}") from None
-    return out
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _meta_features(value: str) -> dict[str, float]:
@@ -76,9 +79,10 @@ def _meta_features(value: str) -> dict[str, float]:
         raise ConfigError('--meta-features must be a JSON object, e.g. {"num_samples": 5000}')
     out = {}
     for name, v in meta.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise ConfigError(f"--meta-features: {name!r} is {v!r}; meta-features must be finite numbers")
-        out[str(name)] = float(v)
+        number = _finite_number(v)
+        if number is None:
+            raise ConfigError(f"--meta-features: {name!r} is {_short(v)}; meta-features must be finite numbers")
+        out[str(name)] = number
     return out
 
 
@@ -87,6 +91,18 @@ def _candidates(value: str) -> list[dict]:
     if not isinstance(cands, list) or not cands or not all(isinstance(c, dict) and c for c in cands):
         raise ConfigError("--candidates must be a non-empty JSON list (or JSONL) of configuration objects")
     return cands
+
+
+def _registry_uri(name: str) -> str:
+    """The tracking URI ``--register NAME`` logs to, with NAME and the URI checked before any fit: a name
+    MLflow would refuse must not leave a run and its artifacts behind."""
+    from metaprep.registry.names import check_model_name
+    from metaprep.registry.tracking import reachable_tracking_uri
+
+    check_model_name(name, "--register")
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        raise ConfigError("--register needs MLFLOW_TRACKING_URI (e.g. sqlite:///mlflow.db or http://host:5000)")
+    return reachable_tracking_uri(None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"--fit-steps must be >= 1, got {args.fit_steps}")
     if not args.train_meta and not args.surrogate_dir:
         raise ConfigError("give --train-meta (fit a surrogate) or --surrogate-dir (load a saved one)")
+    if args.summary_out:
+        check_writable(Path(args.summary_out), "--summary-out", ConfigError)
+    tracking_uri = _registry_uri(args.register) if args.register is not None else None
     meta = _meta_features(args.meta_features)
     candidates = _candidates(args.candidates) if args.candidates else None
     from metaprep.transfer.recommend_run import recommend_configurations  # torch: only once the input is valid
@@ -106,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = recommend_configurations(
         meta, candidates, train_meta=args.train_meta, surrogate_dir=args.surrogate_dir, top_k=args.top_k,
         cost_aware=args.cost_aware, cost_weight=args.cost_weight, fit_steps=args.fit_steps, seed=args.seed,
-        register=args.register, tracking_uri=os.environ.get("MLFLOW_TRACKING_URI"))
+        register=args.register, tracking_uri=tracking_uri)
     write_summary(args.summary_out, summary)
     json.dump(summary, sys.stdout, indent=2, sort_keys=True)
     print()

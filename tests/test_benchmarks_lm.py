@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -154,6 +155,17 @@ def test_methods_and_meta_steps_override_the_suite_protocol(monkeypatch):
     longer = protocol_for("persona", "any-model", quick=False, seeds=None, methods="finetune, multitask,mltd",
                           meta_steps=160)
     assert longer.methods == ("finetune", "multitask", "mltd") and longer.meta_steps == 160
+
+
+def test_set_overrides_any_protocol_key_and_names_the_flag():
+    proto = protocol_for("persona", "any-model", quick=False, seeds=None,
+                         overrides=["precision=bf16", "threads=2", "lr_grid=[1.0e-3, 3.0e-3]"])
+    assert (proto.precision, proto.threads, proto.lr_grid) == ("bf16", 2, (1e-3, 3e-3))
+    for item, message in (("precision=fp8", "--set precision=fp8: precision: must be one of fp32, bf16"),
+                          ("threads=abc", "--set threads=abc: threads: expected int"),
+                          ("thread=2", "--set thread=2: unknown protocol key 'thread'; valid keys: shots")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            protocol_for("persona", "any-model", quick=False, seeds=None, overrides=[item])
 
 
 # protocol_for of every (suite, model, quick, encoder) as computed by the Python constants the recipes

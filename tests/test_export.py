@@ -41,7 +41,7 @@ def adapted():
 @pytest.mark.parametrize("kind", ["lora", "tarp_bilinear", "tarp_kronecker"])
 def test_merged_model_reproduces_the_adapted_model(adapted, tmp_path, kind: str) -> None:
     result, res, q = adapted(kind)
-    export_merged(result.model, res.fast, 0, tmp_path / "merged", lambda out: None)
+    export_merged(result.model, res.fast, 0, tmp_path / "merged", result.loaded.tokenizer)
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", local_files_only=True)
     with torch.no_grad():
         assert torch.isclose(_loss(merged, q), torch.tensor(res.query_loss_after), atol=1e-4)
@@ -51,7 +51,7 @@ def test_peft_loads_the_exported_lora_adapter(adapted, tmp_path) -> None:
     from peft import PeftModel
 
     result, res, q = adapted("lora")
-    export_peft(result.model, res.fast, 0, tmp_path / "peft", "metaprep-tiny-base")
+    export_peft(result.model, res.fast, 0, tmp_path / "peft", result.loaded.tokenizer)
     base = AutoModelForCausalLM.from_pretrained(result.export_dir / "base", local_files_only=True)
     peft_model = PeftModel.from_pretrained(base, tmp_path / "peft")
     with torch.no_grad():

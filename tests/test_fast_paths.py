@@ -126,3 +126,42 @@ def test_activation_checkpointing_gives_the_same_meta_gradient(algorithm: str, k
     assert grads.keys() == plain.keys() and len(plain) > 10
     for name, g in plain.items():
         torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("flags, native", [("fpu avx2 fma", False), ("fpu avx512f avx512_bf16", True),
+                                           ("fpu amx_bf16 amx_tile", True), ("", None)])
+def test_native_bf16_is_read_from_the_cpu_flags(monkeypatch: pytest.MonkeyPatch, flags: str, native) -> None:
+    from metaprep import runtime
+
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset(flags.split()))
+    assert runtime.native_bf16_matmul() is native
+
+
+def test_bf16_without_bf16_instructions_is_a_warning_and_not_timed_on_big_steps(monkeypatch) -> None:
+    """This session's CPU (AVX2 only) ran bf16 GEMMs ~9x slower than fp32: users are told, the suite skips."""
+    from metaprep import runtime
+    from metaprep.bench.throughput import suite
+
+    cfg = load_config(MetaTrainConfig, "jobs/configs/tiny.yaml", ["distributed.precision=bf16"])
+    monkeypatch.setattr(runtime, "native_bf16_matmul", lambda: False)
+    assert any(n.startswith("distributed.precision: bf16 on a CPU without bf16") for n in cfg.advisories())
+    monkeypatch.setattr(suite, "native_bf16_matmul", lambda: False)
+    assert "no bf16 matmul instructions" in suite.emulated_bf16_too_slow({"median_s": 28.0})
+    assert suite.emulated_bf16_too_slow({"median_s": 0.01}) is None  # small steps are still timed
+    monkeypatch.setattr(runtime, "native_bf16_matmul", lambda: True)
+    monkeypatch.setattr(suite, "native_bf16_matmul", lambda: True)
+    assert not any(n.startswith("distributed.precision") for n in cfg.advisories())
+    assert suite.emulated_bf16_too_slow({"median_s": 28.0}) is None
+
+
+@pytest.mark.parametrize("native, use_gpu, expected", [(False, False, None), (True, False, torch.bfloat16),
+                                                       (None, False, None), (False, True, torch.bfloat16)])
+def test_precision_auto_is_bf16_only_where_it_pays(monkeypatch, native, use_gpu, expected) -> None:
+    from metaprep import runtime
+    from metaprep.train.step import autocast_dtype
+
+    monkeypatch.setattr(runtime, "native_bf16_matmul", lambda: native)
+    cfg = load_config(MetaTrainConfig, "jobs/configs/tiny.yaml", ["distributed.precision=auto"])
+    cfg.distributed.use_gpu = use_gpu
+    assert autocast_dtype(cfg) is expected
+    assert not cfg.advisories()  # auto never picks the slow path, so nothing to warn about

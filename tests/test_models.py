@@ -62,8 +62,8 @@ def run_c_encode(tok: Llama2cTokenizer, text: str) -> list[int]:
         best, best_i, best_id = -1e10, -1, -1
         for i in range(len(ids) - 1):
             tid = tok._lookup.get(tok._text[ids[i]] + tok._text[ids[i + 1]])
-            if tid is not None and tok._scores[tid] > best:
-                best, best_i, best_id = tok._scores[tid], i, tid
+            if tid is not None and tok.scores[tid] > best:
+                best, best_i, best_id = tok.scores[tid], i, tid
         if best_i < 0:
             return ids
         ids[best_i:best_i + 2] = [best_id]

@@ -180,7 +180,7 @@ def test_learned_nothing_fails_the_job_and_registers_nothing(tmp_path, capsys, m
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("METAPREP_STATE_DIR", str(tmp_path / "state"))
-    monkeypatch.setattr(launch, "init_ray", lambda log_to_driver: None)
+    monkeypatch.setattr(launch, "connect_ray", lambda cfg, log_to_driver: {})
     flat = {"meta_steps": 4, "meta_val_loss_start": 5.5568, "meta_val_loss_end": 5.5568, "diverged_at": None,
             "meta_val_curve": [[0, 5.5568], [2, 5.5568], [4, 5.5568]], "no_update_steps": 0}
     monkeypatch.setattr(launch, "fit", lambda run, callbacks=(): launch.FitResult(flat, str(tmp_path / "export")))
@@ -352,7 +352,8 @@ def test_export_with_overwrite_writes_into_a_non_empty_folder(copy, tmp_path, ca
         run_main(importlib.import_module("jobs.adapt").main,
                  _adapt(copy, tmp_path, "--no-mlflow", "--export-peft", str(out), "--overwrite"))
     assert code.value.code == 0, capsys.readouterr().err[-2000:]
-    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "notes.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "base",
+                                                    "notes.txt", "tokenizer.json", "tokenizer_config.json"]
     assert not list(tmp_path.glob(".peft.partial-*"))  # the staging folder is gone
 
 

@@ -111,3 +111,20 @@ def test_wrap_selects_by_name_and_checks_rank() -> None:
     with pytest.raises(ConfigError, match="reparam.rank: must be <= the layer width"):
         wrap_dense_layers(build_tiny_llama(TinyModelConfig(dim=32, hidden_dim=64, layers=1, heads=2)),
                           ReparamConfig(rank=64), FastContext())
+
+
+@pytest.mark.parametrize("tokens, rank, weight_cheaper", [(3, 2, False), (64, 4, True), (1, 4, False)])
+def test_both_routes_of_the_multiplicative_term_agree_in_value_and_gradient(tokens, rank, weight_cheaper) -> None:
+    """(U Vᵀ ⊙ W0) x: forming each task's weight (LM episodes) equals DESIGN §1.1's r matmuls with W0."""
+    from metaprep.reparam.kinds.base import matmul_route_mult, per_task_weight_cheaper, per_task_weight_mult
+
+    gen = torch.Generator().manual_seed(tokens)
+    w0 = torch.randn(6, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(3, tokens, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    u = torch.randn(3, 6, rank, generator=gen, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(3, 5, rank, generator=gen, dtype=torch.float64, requires_grad=True)
+    out = [route(w0, x, u, v) for route in (per_task_weight_mult, matmul_route_mult)]
+    assert torch.allclose(out[0], out[1], atol=1e-12)
+    grads = [torch.autograd.grad((y * y).sum(), (w0, x, u, v)) for y in out]
+    assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(*grads, strict=True))
+    assert per_task_weight_cheaper(tokens, rank) == weight_cheaper  # few tokens: r matmuls cost less

@@ -38,6 +38,11 @@ def test_every_from_pretrained_disables_remote_code_and_downloads() -> None:
 
 
 def test_registry_and_model_loading_never_unpickle() -> None:
+    """No pickle, and MLflow pyfunc only as "models from code": ``python_model`` is the path of a source file
+    (``registry/pyfunc_entry.py``), never an instance that MLflow would cloudpickle."""
     for path, text in _sources():
         if path.parent.name in ("registry", "models", "transfer"):
-            assert not re.search(r"import pickle|pickle\.loads?\(|torch\.load\(|cloudpickle|mlflow\.pyfunc", text), path
+            unpickling = r"import pickle|pickle\.loads?\(|torch\.load\(|cloudpickle|pyfunc\.load_model"
+            assert not re.search(unpickling, text), path
+            for call in re.finditer(r"python_model=([^,)]+)", text):
+                assert call.group(1).startswith("str(ENTRY"), (path, call.group(0))

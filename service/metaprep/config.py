@@ -142,12 +142,23 @@ class DistributedConfig:
     num_workers: int = _help("Ray Train workers (each runs a DeepSpeed engine)", 1)
     zero_stage: int = _help("DeepSpeed ZeRO stage", 1, choices=(1, 2, 3))
     use_gpu: bool = _help("GPU workers (nccl) instead of CPU workers (gloo)", False)
-    precision: str = _help("bf16 = autocast", "fp32", choices=("fp32", "bf16"))
+    precision: str = _help("bf16 = autocast; auto = bf16 on GPUs and on CPUs with bf16 matmul instructions "
+                           "(AVX512-BF16/AMX), else fp32 (decided where the worker runs)", "fp32",
+                           choices=("fp32", "bf16", "auto"))
     cpus_per_worker: int = _help("CPUs reserved per worker", 1)
     torch_threads: int = _help("torch intra-op threads per worker (0 = cpus_per_worker)", 0)
     activation_checkpointing: bool = _help(
         "recompute each decoder layer's activations in backward (inner loop and outer step; second order "
         "included): less memory for about a third more compute; ZeRO stages 1-2", False)
+
+    @property
+    def bf16(self) -> bool:
+        """Whether this process runs under bf16 autocast (``auto`` resolved on the machine it runs on)."""
+        if self.precision != "auto":
+            return self.precision == "bf16"
+        from metaprep.runtime import native_bf16_matmul
+
+        return self.use_gpu or bool(native_bf16_matmul())
 
 
 @dataclass
@@ -202,17 +213,29 @@ class MetaTrainConfig:
                          "LoRA factor facing a zero-initialised one): the meta-gradient is ~1e6x larger than with sgd "
                          "before clipping and changes with fp rounding (worker count, ZeRO stage); prefer sgd for "
                          "second order, or adam with a first-order algorithm")
+        if self.distributed.precision == "bf16" and not self.distributed.use_gpu:  # `auto` would pick fp32
+            from metaprep.runtime import BF16_GEMM_FLAGS, native_bf16_matmul
+
+            if native_bf16_matmul() is False:
+                notes.append(f"distributed.precision: bf16 on a CPU without bf16 matmul instructions "
+                             f"({' / '.join(BF16_GEMM_FLAGS)} absent from /proc/cpuinfo on this machine) runs "
+                             f"about 10x slower than fp32 here; use fp32 or auto unless the workers' CPUs have them")
         return notes
 
     def validate(self) -> MetaTrainConfig:
         """Range checks that types alone cannot express (numeric ranges: :mod:`metaprep.config_bounds`)."""
         check_choices(self)
         check_ranges(self)
-        if not self.registry.name or any(c in self.registry.name for c in "/\\:@ "):
-            raise ConfigError(f"registry.name: must be non-empty without '/', '\\\\', ':', '@' or spaces, "
-                              f"got {self.registry.name!r}")
+        from metaprep.registry.names import PREFIX_MAX, check_model_name
+
+        check_model_name(self.registry.name, "registry.name:", PREFIX_MAX)
         if not self.tracking.experiment.strip():
-            raise ConfigError("tracking.experiment: must be a non-empty MLflow experiment name, got ''")
+            raise ConfigError(f"tracking.experiment: must be a non-empty MLflow experiment name, "
+                              f"got {self.tracking.experiment!r}")
+        if self.tracking.uri:  # empty or unset: MLFLOW_TRACKING_URI, checked where it is resolved
+            from metaprep.registry.tracking import check_tracking_uri
+
+            check_tracking_uri(self.tracking.uri, "tracking.uri", ConfigError)
         from metaprep.meta.algorithm import ALGORITHMS, algorithm_names
         from metaprep.reparam.kinds import REPARAM_KINDS
 

@@ -34,6 +34,7 @@ CAPS = {
     "tasks.query_size": 10_000,
     "tasks.seq_len": 32_768,
     "meta.meta_batch_size": 4_096,
+    "checkpoint.max_failures": 100,  # Ray Train reads -1 as "retry forever": a worker that always fails hangs the job
     "meta.eval_tasks": 4_096,
     "meta.inner_steps": 10_000,
     "reparam.rank": 4_096,
@@ -114,6 +115,7 @@ def check_ranges(cfg: MetaTrainConfig) -> None:
                      ("tasks.synthetic_letters", 1), ("distributed.num_workers", 1), ("distributed.cpus_per_worker", 1),
                      ("distributed.torch_threads", 0), ("search.width", 1), ("search.nodes", 1),
                      ("search.controller_hidden", 1), ("checkpoint.every", 0), ("checkpoint.keep", 1),
+                     ("checkpoint.max_failures", 0),
                      ("model.tiny.vocab_size", 259), ("model.tiny.dim", 1), ("model.tiny.layers", 1),
                      ("model.tiny.heads", 1), ("model.tiny.hidden_dim", 1), ("model.tiny.max_seq_len", 4)):
         _at_least(key, _get(cfg, key), low)

@@ -80,6 +80,40 @@ def read_bytes(path: Path, what: str) -> bytes:
     return read_limited(path, what, MAX_DATA_BYTES)
 
 
+def decode_utf8(data: bytes, where: str, error: type[MetaprepError] = DataError) -> str:
+    """``data`` as UTF-8 text, or one-line ``error`` ``WHERE:LINE: undecodable bytes at column C``."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - data.rfind(b"\n", 0, exc.start)
+        raise error(f"{where}:{line}: undecodable bytes at column {column} (UTF-8 expected)") from None
+
+
+def parse_json(text: str | bytes, where: str, error: type[MetaprepError] = DataError, *, inline: bool = False) -> Any:
+    """The JSON document in ``text`` (bytes must be UTF-8), or one-line ``error`` starting with ``where``.
+
+    ``where`` is a file (errors read ``file:line: ...``) or, with ``inline``, a command-line flag whose
+    value is the JSON (errors read ``--flag: ... at line L column C``)."""
+    if isinstance(text, bytes):
+        text = decode_utf8(text, where, error)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        at = f"{where}: malformed JSON ({exc.msg} at line {exc.lineno} column {exc.colno})" if inline else \
+            f"{where}:{exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno})"
+        raise error(at) from None
+    except RecursionError:  # e.g. 100k nested '['
+        raise error(f"{where}: JSON nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
+        raise error(f"{where}: invalid JSON value ({str(exc).split(';')[0]})") from None
+
+
+def read_json(path: Path, what: str, error: type[MetaprepError] = DataError) -> Any:
+    """The JSON document in the file ``path`` (bounded read), or one-line ``error`` naming ``path:line``."""
+    return parse_json(read_limited(path, what, MAX_DATA_BYTES, error), str(path), error)
+
+
 def read_jsonl(path: Path, what: str, expected: str = "") -> list[tuple[int, dict]]:
     """(line number, object) for every non-blank line; ``expected`` describes the valid line shape."""
     hint = f"; {expected}" if expected else ""
@@ -97,6 +131,8 @@ def read_jsonl(path: Path, what: str, expected: str = "") -> list[tuple[int, dic
             raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
         except RecursionError:  # e.g. 100k nested '['
             raise DataError(f"{path}:{lineno}: JSON nested too deeply") from None
+        except ValueError as exc:  # e.g. an integer of more than 4300 digits
+            raise DataError(f"{path}:{lineno}: invalid JSON value ({str(exc).split(';')[0]})") from None
         if not isinstance(obj, dict):
             raise DataError(f"{path}:{lineno}: each line must be a JSON object{hint}")
         records.append((lineno, obj))

@@ -54,6 +54,29 @@ def configure_process(threads: int) -> None:
     keep_freed_memory()
 
 
+BF16_GEMM_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of CPUs with bf16 matmul instructions
+
+
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags (``/proc/cpuinfo``; empty where it cannot be read)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return frozenset()
+    return frozenset(next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), []))
+
+
+def native_bf16_matmul() -> bool | None:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX-BF16); ``None`` when unknown.
+
+    Without those instructions torch's bf16 GEMMs take a reference path: measured on an AVX2-only EPYC
+    (torch 2.13, 2 threads), ``torch.mm`` ran at 17.5 GFLOP/s in bf16 against 159 in fp32, and a SmolLM2
+    meta-step under bf16 autocast took minutes instead of seconds.
+    """
+    flags = cpu_flags()
+    return any(f in flags for f in BF16_GEMM_FLAGS) if flags else None
+
+
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # Ray's single-machine mode: node address = 127.0.0.1
 
 

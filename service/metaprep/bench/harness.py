@@ -27,8 +27,8 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -50,9 +50,25 @@ def setup_suite(args: argparse.Namespace, suite: str, default_model: str | None 
                 encoder: bool = False) -> tuple[Path, str, Protocol]:
     root = data_root(args)
     model_path = getattr(args, "model_path", None) or default_model or default_model_path(root)
-    return root, model_path, protocol_for(suite, model_path, bool(getattr(args, "quick", False)),
-                                          getattr(args, "seeds", None), getattr(args, "methods", None),
-                                          getattr(args, "meta_steps", None), encoder=encoder)
+    overrides = getattr(args, "overrides", None) or ()
+    proto = protocol_for(suite, model_path, bool(getattr(args, "quick", False)), getattr(args, "seeds", None),
+                         getattr(args, "methods", None), getattr(args, "meta_steps", None), encoder=encoder,
+                         overrides=overrides)
+    return root, model_path, precision_for_this_cpu(proto, overrides)
+
+
+def precision_for_this_cpu(proto: Protocol, overrides: Sequence[str] = ()) -> Protocol:
+    """A recipe's bf16 runs in fp32 on a CPU without bf16 matmul instructions (about 10x slower there, see
+    :func:`metaprep.runtime.native_bf16_matmul`), with a note; ``--set precision=bf16`` keeps bf16. The
+    report's protocol records the precision that ran."""
+    from metaprep.runtime import BF16_GEMM_FLAGS, native_bf16_matmul
+
+    asked = any(o.split("=", 1)[0].strip() == "precision" for o in overrides)
+    if proto.precision != "bf16" or asked or native_bf16_matmul() is not False:
+        return proto
+    print(f"note: the protocol's bf16 runs in fp32 here: this CPU has no bf16 matmul instructions "
+          f"({', '.join(BF16_GEMM_FLAGS)}); --set precision=bf16 forces it", flush=True)
+    return replace(proto, precision="fp32")
 
 
 def data_root(args: argparse.Namespace) -> Path:

@@ -94,6 +94,38 @@ def _paired(values: dict[tuple, float], reference: str) -> dict[str, tuple[float
     return out
 
 
+RUN_FIELDS = ("method: str, fold: str, seed: int, tasks: [task names], curve: [per adaptation step: [query loss "
+              "per task]]")
+
+
+def run_record_problem(record: object) -> str | None:
+    """What makes ``record`` unusable by :func:`paired_differences` (``None`` when it is fine): a stored run must
+    have :data:`RUN_FIELDS`, every curve step one finite loss per task."""
+    if not isinstance(record, dict):
+        return f"must be an object with {RUN_FIELDS}"
+    for key, types in (("method", str), ("fold", (str, int)), ("seed", (str, int)), ("tasks", list), ("curve", list)):
+        if key not in record:
+            return f"missing field {key!r} ({RUN_FIELDS})"
+        if not isinstance(record[key], types) or isinstance(record[key], bool):
+            return f"field {key!r} is {type(record[key]).__name__}; expected {RUN_FIELDS}"
+    tasks, curve = record["tasks"], record["curve"]
+    if not tasks or not all(isinstance(t, str) for t in tasks):
+        return "field 'tasks' must be a non-empty list of task names"
+    if not curve:
+        return "field 'curve' is empty; expected per adaptation step a list of query losses, one per task"
+    for step, losses in enumerate(curve):
+        if not isinstance(losses, list) or len(losses) != len(tasks):
+            return f"curve[{step}] must be a list of {len(tasks)} query losses (one per task)"
+        bad = next((i for i, v in enumerate(losses) if not _finite(v)), None)
+        if bad is not None:
+            return f"curve[{step}][{bad}] is {losses[bad]!r}; query losses must be finite numbers"
+    return None
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def paired_differences(records: list[dict], reference: str = "multitask") -> dict[str, dict[str, float]]:
     """Per method: final query loss minus ``reference``'s on the same (fold, seed, task), mean and 95 % CI.
 

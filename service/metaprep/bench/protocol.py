@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from metaprep.config import from_dict, load_yaml
+from metaprep.config import apply_overrides, from_dict, load_yaml
 from metaprep.errors import ConfigError
 from metaprep.meta.algorithm import ALGORITHMS
 from metaprep.models.base import detect_kind, resolve_path
@@ -146,8 +146,10 @@ _LISTED = dataclasses.make_dataclass("Protocol", [
     for name, tp in typing.get_type_hints(Protocol).items()])
 
 
-def load_protocol(path: str | Path, large_model: bool = False, quick: bool = False) -> Protocol:
-    """The recipe's ``protocol``, with its ``large_model`` and then ``quick`` sections applied when asked."""
+def load_protocol(path: str | Path, large_model: bool = False, quick: bool = False,
+                  overrides: typing.Sequence[str] = ()) -> Protocol:
+    """The recipe's ``protocol``, with its ``large_model`` and then ``quick`` sections applied when asked, then
+    ``overrides`` (``KEY=VALUE`` protocol keys from ``jobs.benchmark --set``, values parsed as YAML scalars)."""
     data, lines = load_yaml(path)
     source = str(path)
     names = [f.name for f in dataclasses.fields(Protocol)]
@@ -171,23 +173,31 @@ def load_protocol(path: str | Path, large_model: bool = False, quick: bool = Fal
         for key, value in data.get(section, {}).items():
             values[key] = value
             at[key] = at[f"{key}[]"] = lines[f"{section}.{key}"]  # from_dict names list items key[]
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if key not in names:
+            raise ConfigError(f"--set {item}: unknown protocol key {key!r}; valid keys: {', '.join(names)}")
+        apply_overrides(values, [item])
+        at[key] = at[f"{key}[]"] = f"--set {item}"  # errors name the flag, not the recipe's line
     listed = from_dict(_LISTED, values, source, at)
     proto = Protocol(**{k: tuple(v) if isinstance(v, list) else v for k, v in vars(listed).items()})
-    return proto.validate(lambda key: f"{source}:{at[key]}: {key}")
+    return proto.validate(lambda key: f"{at[key]}: {key}" if isinstance(at[key], str) else f"{source}:{at[key]}: {key}")
 
 
 def protocol_for(suite: str, model_path: str, quick: bool, seeds: int | None, methods: str | None = None,
-                 meta_steps: int | None = None, encoder: bool = False) -> Protocol:
+                 meta_steps: int | None = None, encoder: bool = False,
+                 overrides: typing.Sequence[str] = ()) -> Protocol:
     """The suite's protocol for this model (its recipe: :data:`SUITE_RECIPES`); ``quick`` = tiny budgets.
 
     ``methods`` (comma-separated; else ``$METAPREP_BENCH_METHODS``) and ``meta_steps`` override the
     suite's method list and meta-training budget (e.g. longer runs of a few methods). ``encoder``: the
-    convai2_mc sentence-encoder scorer (:data:`ENCODER_RECIPE`).
+    convai2_mc sentence-encoder scorer (:data:`ENCODER_RECIPE`). ``overrides``: any protocol key,
+    ``KEY=VALUE`` (``jobs.benchmark --set precision=bf16``), applied before those three.
     """
     if suite not in SUITE_RECIPES:
         raise ConfigError(f"suite {suite!r} has no protocol recipe; LM suites: {', '.join(SUITE_RECIPES)}")
     recipe = RECIPES / (ENCODER_RECIPE if encoder else SUITE_RECIPES[suite])
-    proto = load_protocol(recipe, large_model=not _is_llama2c(model_path), quick=quick)
+    proto = load_protocol(recipe, large_model=not _is_llama2c(model_path), quick=quick, overrides=overrides)
     if seeds is not None:
         proto = replace(proto, seeds=seeds)
     if meta_steps is not None:

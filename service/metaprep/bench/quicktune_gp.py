@@ -26,7 +26,7 @@ from torch import nn
 from metaprep.errors import ModelLoadError
 from metaprep.transfer.features import FeatureEncoder
 from metaprep.transfer.metadataset import Pool
-from metaprep.transfer.surrogate import load_json, load_tensors, save_tensors, single_thread
+from metaprep.transfer.surrogate import load_encoder, load_json, load_tensors, save_tensors, single_thread
 
 FORMAT_VERSION = 1
 
@@ -99,12 +99,14 @@ class DeepKernelGP(nn.Module):
         rng = np.random.default_rng(seed)
         torch.manual_seed(seed)
         encoder = FeatureEncoder().fit([c for p in pools for c in p.configs], [p.meta_features for p in pools])
-        values = np.concatenate([np.asarray(c, dtype=float) for p in pools for c in p.curves if c])
-        horizon = max(len(c) for p in pools for c in p.curves)
+        # a run without a learning curve (a meta-dataset of final scores only) is a one-step curve of its
+        # performance: the statistics, the horizon and the meta-training below all see the same curves
+        curves = [[c if c else (float(v),) for c, v in zip(p.curves, p.performance, strict=True)] for p in pools]
+        values = np.concatenate([np.asarray(c, dtype=float) for runs in curves for c in runs])
+        horizon = max(len(c) for runs in curves for c in runs)
         gp = cls(encoder, min(max_length, horizon) + (min(max_length, horizon) % 2),
                  {"mean": float(values.mean()), "std": float(values.std()) or 1.0, "horizon": horizon})
         xs = [encoder.transform(p.configs, p.meta_features) for p in pools]
-        curves = [[c if c else (float(v),) for c, v in zip(p.curves, p.performance, strict=True)] for p in pools]
         with single_thread():
             gp._meta_train(xs, curves, rng, iterations=iterations, batch=batch, lr=lr)
         # zero-shot context: training runs at the full budget (their performance), empty curve
@@ -180,7 +182,7 @@ class DeepKernelGP(nn.Module):
         spec = load_json(dirpath / "dkgp.json")
         if spec.get("kind") != "deep_kernel_gp":
             raise ModelLoadError(f"{dirpath / 'dkgp.json'}: not a deep-kernel GP (kind={spec.get('kind')!r})")
-        gp = cls(FeatureEncoder.from_dict(spec["encoder"]), spec["length"], spec["stats"])
+        gp = cls(load_encoder(spec, dirpath / "dkgp.json"), spec["length"], spec["stats"])
         tensors = load_tensors(dirpath / "dkgp.safetensors")
         gp.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
         gp.context = {k[len("context."):]: v for k, v in tensors.items() if k.startswith("context.")}

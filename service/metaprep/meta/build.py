@@ -54,7 +54,7 @@ def needs_eager_attention(cfg: MetaTrainConfig) -> bool:
     eager is also faster: SmolLM2 fomaml, 4 tasks x 8 x 64 tokens, 4.4 s vs 5.5 s a step
     (flash-SDPA's bf16 backward was a fifth of the step); in fp32 flash is faster (11.6 s vs 13.9 s).
     """
-    cpu_bf16 = cfg.distributed.precision == "bf16" and not cfg.distributed.use_gpu
+    cpu_bf16 = cfg.distributed.bf16 and not cfg.distributed.use_gpu
     return ALGORITHMS[cfg.algorithm].uses_second_order(cfg.meta.second_order) or cpu_bf16
 
 

@@ -10,12 +10,14 @@ file's resolved path, size and mtime; later loads read that folder in under a se
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -52,6 +54,20 @@ def _check_gguf(path: Path) -> None:
                              f"expected a llama.cpp GGUF file")
 
 
+@contextlib.contextmanager
+def _no_dequantise_bar() -> Iterator[None]:
+    """transformers draws a raw tqdm bar while it dequantises (not behind its progress-bar switch); in
+    ``ray job logs`` it is hundreds of carriage-return updates on one line."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    bar = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
+
+
 def _convert(path: Path, cache: Path) -> None:
     """Dequantise ``path`` and publish it at ``cache`` with one rename, so readers never see half a cache."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -62,8 +78,9 @@ def _convert(path: Path, cache: Path) -> None:
             if time.time() - old.stat().st_mtime > _STALE_TMP_S:
                 shutil.rmtree(old, ignore_errors=True)
     expected = "a GGUF file of an architecture transformers can dequantise (llama, qwen2, ...)"
-    gguf = guarded("gguf model", path, expected, lambda: AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, dtype=torch.float32, **OFFLINE))
+    with _no_dequantise_bar():
+        gguf = guarded("gguf model", path, expected, lambda: AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=torch.float32, **OFFLINE))
     tok = guarded("gguf tokenizer", path, "a GGUF file with tokenizer metadata",
                   lambda: AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, **OFFLINE))
     # a fresh module from a config without the gguf quantization_config saves as a plain checkpoint

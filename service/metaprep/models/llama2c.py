@@ -46,13 +46,14 @@ class Llama2cTokenizer:
     def __init__(self, path: str | Path, vocab_size: int | None = None) -> None:
         path = Path(path)
         self.path = path  # exported next to a registered base
-        pieces, self._scores = _read_tokenizer(path, vocab_size)
-        self.vocab_size = len(pieces)
+        # the raw vocab (piece bytes, merge scores): also what a transformers export rebuilds
+        self.pieces, self.scores = _read_tokenizer(path, vocab_size)
+        self.vocab_size = len(self.pieces)
         self._bytes: list[bytes] = []  # what each id decodes to
         self._text: list[str] = []  # what each id means to the merge loop
         self._lookup: dict[str, int] = {}
         self._byte_ids: dict[int, int] = {}
-        for i, raw in enumerate(pieces):
+        for i, raw in enumerate(self.pieces):
             piece = raw.decode("utf-8", errors="replace")
             m = _BYTE_PIECE.fullmatch(piece)
             if m and i > 2:
@@ -95,7 +96,7 @@ class Llama2cTokenizer:
             if j != -1:
                 tid = self._lookup.get(text[i] + text[j])
                 if tid is not None:
-                    heapq.heappush(heap, (-self._scores[tid], i, text[i], text[j]))
+                    heapq.heappush(heap, (-self.scores[tid], i, text[i], text[j]))
 
         for i in range(n - 1):
             push(i)

@@ -75,6 +75,12 @@ def read_adapt_runs(tracking_uri: str, experiment: str = ADAPT_EXPERIMENT) -> It
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
+    from metaprep.registry.tracking import check_scheme, sqlite_path
+
+    check_scheme(tracking_uri, "meta-dataset", DataError)
+    db = sqlite_path(tracking_uri, "meta-dataset", DataError)
+    if db is not None and not db.is_file():  # MLflow would create the folder and an empty store
+        raise DataError(f"{tracking_uri}: no MLflow database at {db} (a sqlite store written by jobs.adapt)")
     client = MlflowClient(tracking_uri=tracking_uri)
     try:
         exp = client.get_experiment_by_name(experiment)

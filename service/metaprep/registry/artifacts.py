@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from metaprep import __version__
-from metaprep.config import MetaTrainConfig, from_dict
+from metaprep.config import MetaTrainConfig, TasksConfig, from_dict
 from metaprep.errors import MetaprepError, RegistryError
 from metaprep.jsonio import read_limited
 from metaprep.meta.algorithm import ALGORITHMS
@@ -36,6 +36,7 @@ from metaprep.meta.build import build_meta_model
 from metaprep.meta.model import MetaModel
 from metaprep.models.base import LoadedModel
 from metaprep.models.tokenizer import ByteTokenizer, HFTokenizer
+from metaprep.reparam.kinds import REPARAM_KINDS
 from metaprep.tasks.families import ENCODER_FAMILIES
 
 MANIFEST = "manifest.json"
@@ -175,13 +176,16 @@ def load_tokenizer(spec: dict, folder: Path):
     return Llama2cTokenizer(folder / name, spec.get("vocab_size"))
 
 
-def export_prepared(model: MetaModel, loaded: LoadedModel, cfg: MetaTrainConfig, out: Path) -> tuple[Path, Path]:
-    """Write ``out/base`` and ``out/controller`` (caller gathers ZeRO-3 params first)."""
+def export_prepared(model: MetaModel, loaded: LoadedModel, cfg: MetaTrainConfig, out: Path,
+                    reference_ok: bool = True) -> tuple[Path, Path]:
+    """Write ``out/base`` and ``out/controller`` (caller gathers ZeRO-3 params first). A frozen base is a
+    reference to the original model unless ``reference_ok`` is False (a self-contained copy, e.g. for serving)."""
     base, ctrl = out / "base", out / "controller"
     for d in (base, ctrl):
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir(parents=True)
-    frozen = (cfg.meta.freeze_base or not ALGORITHMS[cfg.algorithm].meta_trains) and loaded.kind != "tiny"
+    frozen = (reference_ok and (cfg.meta.freeze_base or not ALGORITHMS[cfg.algorithm].meta_trains)
+              and loaded.kind != "tiny")
     info = {"format": "reference" if frozen else "full", "kind": loaded.kind, "source": loaded.source,
             "metaprep_version": __version__}
     if frozen:
@@ -205,11 +209,34 @@ def export_prepared(model: MetaModel, loaded: LoadedModel, cfg: MetaTrainConfig,
     return base, ctrl
 
 
+def read_base_info(base: Path) -> dict:
+    """The base's ``metaprep_base.json`` (a controller given as the base is named as swapped)."""
+    return _read_json(base, BASE_INFO, "base", "controller")
+
+
+def read_spec(ctrl: Path) -> tuple[str, str, str]:
+    """(algorithm, reparam kind, task family) from the controller's ``spec.json``, read before any weights load
+    so that what the model cannot do (an export, a flag) is refused in seconds; :func:`load_prepared` verifies
+    the folder."""
+    spec = _read_json(ctrl, SPEC, "controller", "base")
+    try:
+        algorithm, kind = spec["algorithm"], spec["reparam"]["kind"]
+        family = (spec.get("tasks") or {}).get("family", TasksConfig.family)  # no tasks: the config's default
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise RegistryError(f"controller {ctrl}: {SPEC} lacks a valid field ({exc.__class__.__name__}: {exc}); "
+                            f"re-export the prepared model") from None
+    if not all(isinstance(v, str) for v in (algorithm, kind, family)) or algorithm not in ALGORITHMS \
+            or kind not in REPARAM_KINDS:
+        raise RegistryError(f"controller {ctrl}: {SPEC} names algorithm {algorithm!r} and reparam.kind {kind!r}; "
+                            f"expected one of {', '.join(ALGORITHMS)} and one of {', '.join(REPARAM_KINDS)}")
+    return algorithm, kind, family
+
+
 def load_prepared(base: Path, ctrl: Path) -> tuple[MetaModel, LoadedModel, MetaTrainConfig]:
     """Rebuild a MetaModel from exported folders (checked against their manifests; weights from safetensors only)."""
     verify_manifest(base, "base")
     verify_manifest(ctrl, "controller")
-    info = _read_json(base, BASE_INFO, "base", "controller")
+    info = read_base_info(base)
     spec = _read_json(ctrl, SPEC, "controller", "base")
     try:
         cfg = from_dict(MetaTrainConfig, {

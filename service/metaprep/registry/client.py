@@ -88,3 +88,14 @@ def experiment_id(uri: str, name: str) -> str:
 
     mlflow.set_tracking_uri(uri)
     return mlflow.set_experiment(name).experiment_id
+
+
+def run_exists(client: Any, run_id: str) -> bool:
+    """Whether the tracking store of ``client`` knows run ``run_id`` (a run from another store does not)."""
+    try:
+        client.get_run(run_id)
+    except Exception as exc:  # noqa: BLE001 - MLflow raises its own exception types per store
+        if getattr(exc, "error_code", None) in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return False
+        raise
+    return True

@@ -10,28 +10,91 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import tempfile
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-from metaprep.errors import RegistryError
+from metaprep.errors import MetaprepError, RegistryError
 from metaprep.registry.client import attempts
 
 log = logging.getLogger(__name__)
 
 
+TRACKING_SCHEMES = ("http", "https", "sqlite")  # MLflow 3 refuses its file store (file:, ./mlruns) by default
+TRACKING_FORMS = "http://HOST:PORT, https://HOST[:PORT] or sqlite:///PATH.db"
+
+
 def tracking_uri(configured: str | None = None) -> str:
+    """``tracking.uri`` when set, else ``MLFLOW_TRACKING_URI``; its form checked (:func:`check_scheme`)."""
     uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         raise RegistryError("no MLflow tracking URI: set tracking.uri, MLFLOW_TRACKING_URI "
                             "(e.g. http://127.0.0.1:5000 from `make up`) or a sqlite:///path.db file")
+    check_scheme(uri, "tracking.uri" if configured else "MLFLOW_TRACKING_URI")
     return uri
 
 
-def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
-    """Fail fast (before any training) when an HTTP tracking server does not answer."""
-    if not uri.startswith(("http://", "https://")):
+def check_tracking_uri(uri: str, source: str, error: type[MetaprepError] = RegistryError) -> None:
+    """Everything about a tracking URI that can be checked without a server: its form and, for ``sqlite:``,
+    that the database can be written where it is."""
+    check_scheme(uri, source, error)
+    check_sqlite_store(uri, source, error)
+
+
+def check_scheme(uri: str, source: str, error: type[MetaprepError] = RegistryError) -> None:
+    """Refuse a tracking URI that is not one of :data:`TRACKING_FORMS` (``source`` names where it was set)."""
+    scheme, sep, rest = uri.partition(":")
+    if not sep or scheme.lower() not in TRACKING_SCHEMES:
+        what = f"unknown scheme {scheme + ':'!r} in {uri!r}" if sep else f"{uri!r} has no scheme"
+        raise error(f"{source}: {what}; a tracking URI is {TRACKING_FORMS}")
+    if scheme.lower() == "sqlite":
+        sqlite_path(uri, source, error)
+    elif not rest.startswith("//") or not rest[2:].split("/", 1)[0]:
+        raise error(f"{source}: {uri!r} has no host; a tracking URI is {TRACKING_FORMS}")
+
+
+def sqlite_path(uri: str, source: str = "tracking URI", error: type[MetaprepError] = RegistryError) -> Path | None:
+    """The database file of a ``sqlite:///PATH`` URI (``sqlite:////abs/path``: absolute); None for other schemes."""
+    if not uri.lower().startswith("sqlite:"):
+        return None
+    path = uri[len("sqlite:"):].split("?", 1)[0]
+    if not path.startswith("///") or path[3:] in ("", ":memory:"):
+        raise error(f"{source}: {uri!r} names no database file; use sqlite:///relative/path.db or "
+                    "sqlite:////absolute/path.db")
+    return Path(path[3:])
+
+
+def check_sqlite_store(uri: str, source: str, error: type[MetaprepError] = RegistryError) -> None:
+    """A ``sqlite:`` store must be a file in an existing, writable folder. Checked in milliseconds, because MLflow
+    otherwise creates missing folders silently and retries an unwritable database for minutes."""
+    db = sqlite_path(uri, source, error)
+    if db is None:
+        return
+    folder = db.parent
+    if not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise error(f"{source}: folder {folder} of {uri!r} {what}; create it first or choose another "
+                    "sqlite:///PATH.db")
+    if db.exists() and not db.is_file():
+        raise error(f"{source}: {db} of {uri!r} is not a database file")
+    try:
+        with tempfile.TemporaryFile(dir=folder):  # catches a read-only mount too, where root passes os.access
+            pass
+        if db.exists():
+            with open(db, "ab"):
+                pass
+    except OSError as exc:
+        raise error(f"{source}: cannot write the database of {uri!r} in {folder} ({exc.strerror or exc})") from None
+
+
+def check_reachable(uri: str, timeout_s: float = 5.0, source: str = "MLFLOW_TRACKING_URI") -> None:
+    """Fail fast (before any training) when an HTTP tracking server does not answer or a sqlite store could
+    not be written."""
+    check_sqlite_store(uri, source)
+    if not uri.lower().startswith(("http://", "https://")):
         return
     try:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as resp:
@@ -47,7 +110,7 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
 def reachable_tracking_uri(configured: str | None = None) -> str:
     """:func:`tracking_uri`, checked to answer: fail in seconds, before any training."""
     uri = tracking_uri(configured)
-    check_reachable(uri)
+    check_reachable(uri, source="tracking.uri" if configured else "MLFLOW_TRACKING_URI")
     return uri
 
 
@@ -106,6 +169,22 @@ class MetricLogger:
                             f"{timeout_s:.0f} s")
 
 
+METRIC_NAME_MAX = 250
+_READABLE = (("->", "_to_"), ("@", "_at_"), (",", "_"))  # e.g. nmtlc.jsonl->qt, normalized_regret@1
+_NOT_IN_METRIC_NAME = re.compile(r"[^A-Za-z0-9_\-. /:]")
+
+
+def metric_name(text: str) -> str:
+    """``text`` as an MLflow metric name: only alphanumerics, ``_ - . space / :`` (what MLflow accepts; ``->``
+    reads ``_to_``, ``@`` ``_at_``, anything else becomes ``_``), no empty, ``.`` or ``..`` path segment (MLflow
+    refuses names that are not normalised paths) and at most :data:`METRIC_NAME_MAX` characters."""
+    for old, new in _READABLE:
+        text = text.replace(old, new)
+    text = _NOT_IN_METRIC_NAME.sub("_", text)
+    parts = [p if p not in (".", "..") else "_" * len(p) for p in text[:METRIC_NAME_MAX].split("/") if p]
+    return "/".join(parts) or "_"
+
+
 def log_benchmark(report: dict, files: list[Path]) -> None:
     """Log a benchmark report (metrics per method and its files) as one MLflow run."""
     import mlflow
@@ -118,7 +197,7 @@ def log_benchmark(report: dict, files: list[Path]) -> None:
             setting = "_".join(f"{k}{v}" for k, v in sorted(row.get("setting", {}).items()))
             key = "/".join(x for x in (row["method"], row["metric"], setting) if x)
             if row["mean"] == row["mean"]:
-                mlflow.log_metric(key.replace(",", "_")[:250], row["mean"])
+                mlflow.log_metric(metric_name(key), row["mean"])
         for f in files:
             if f.exists():
                 mlflow.log_artifact(str(f))

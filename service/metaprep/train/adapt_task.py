@@ -75,34 +75,33 @@ def meta_features(task: Task, support, tokenizer, zero_shot_loss: float) -> dict
             "zero_shot_loss": zero_shot_loss, "shots": float(support.input_ids.shape[1])}
 
 
-def adapt_registered(base: str, controller: str, *, tasks: str | None = None, task: str | None = None,
-                     meta_test: bool = False, data_dir: str | None = None, shots: int = 8, steps: int = 10,
-                     lr: float | None = None, query_size: int = 32, seed: int = 0,
+def adapt_registered(base: str, controller: str | None = None, *, tasks: str | None = None,
+                     task: str | None = None, meta_test: bool = False, data_dir: str | None = None, shots: int = 8,
+                     steps: int = 10, lr: float | None = None, query_size: int = 32, seed: int = 0,
                      export_merged: str | None = None, export_peft: str | None = None, overwrite: bool = False,
-                     log_mlflow: bool = True) -> dict:
+                     register: str | None = None, log_mlflow: bool = True) -> dict:
     """Adapt the prepared model ``base`` + ``controller`` to one task and return the summary.
 
-    The task is ``task`` of the JSONL ``tasks`` (read before any model is loaded: bad input fails fast),
-    or with ``meta_test`` a held-out task of the model's own recipe (``data_dir``: its data root).
-    ``lr`` defaults to the recipe's inner lr. ``export_merged`` / ``export_peft``: folders to save the
-    adapted model to, each new or empty unless ``overwrite``, checked before any work and written only once
-    the rest has succeeded; ``log_mlflow``: log the adapt run (``mlflow_run_id`` in the summary).
-    Errors name the ``jobs.adapt`` flag at fault.
+    ``controller`` defaults to the one prepared with ``base`` (:func:`~metaprep.registry.resolve.
+    companion_controller`). The task is ``task`` of the JSONL ``tasks`` (read before any model is loaded: bad
+    input fails fast), or with ``meta_test`` a held-out task of the model's own recipe (``data_dir``: its data
+    root). ``lr`` defaults to the recipe's inner lr. ``export_merged`` / ``export_peft``: folders to save the
+    adapted model to, each new or empty unless ``overwrite``, checked before any work (what the model cannot
+    export is refused as soon as its spec is read) and written only once the rest has succeeded;
+    ``register``: a registered-model name for the adapted model as an MLflow pyfunc model (checked before any
+    work); ``log_mlflow``: log the adapt run (``mlflow_run_id`` in the summary). Errors name the ``jobs.adapt``
+    flag at fault.
     """
     _check_args(tasks, meta_test, data_dir, shots, steps, query_size, lr)
     exports = _check_exports({"merged": export_merged, "peft": export_peft}, overwrite)
+    tracking = _check_register(register, log_mlflow)
     t0 = time.perf_counter()
-    from metaprep.registry.artifacts import load_prepared
-    from metaprep.registry.resolve import resolve_artifact
     from metaprep.tasks.families import batch_encoder
     from metaprep.tasks.jsonl import load_jsonl_tasks
 
     if tasks is not None:
         picked = check_size(pick_task(load_jsonl_tasks(tasks), task, tasks), shots, tasks)
-    model, loaded, cfg = load_prepared(resolve_artifact(base, None), resolve_artifact(controller, None))
-    from metaprep.registry.export import check_exportable, staged_exports
-
-    check_exportable(model, merged="merged" in exports, peft="peft" in exports)
+    model, loaded, cfg, controller = _load_checked(base, controller, exports, register)
     if meta_test:
         picked, source = meta_test_task(cfg, data_dir, task)
         picked = check_size(picked, shots, source)
@@ -139,21 +138,61 @@ def adapt_registered(base: str, controller: str, *, tasks: str | None = None, ta
             summary["accuracy_after"] = model.accuracy(query, result.fast).item()
     if result.arch is not None:
         summary["architecture"] = describe_architecture(result.arch, cfg.search.ops)[0]
-    from metaprep.registry.artifacts import save_tokenizer
     from metaprep.registry.export import export_merged as save_merged
     from metaprep.registry.export import export_peft as save_peft
+    from metaprep.registry.export import staged_exports
 
     summary.update({f"export_{key}": str(target) for key, target in exports.items()})
     with staged_exports(exports) as (staged, publish):
         if "merged" in staged:
-            save_merged(model, result.fast, 0, staged["merged"], lambda out: save_tokenizer(loaded.tokenizer, out))
+            save_merged(model, result.fast, 0, staged["merged"], loaded.tokenizer)
         if "peft" in staged:
-            save_peft(model, result.fast, 0, staged["peft"], base)
+            save_peft(model, result.fast, 0, staged["peft"], loaded.tokenizer, published=exports["peft"])
         if log_mlflow:
             features = meta_features(picked, support, loaded.tokenizer, summary["query_loss_before"])
             summary["mlflow_run_id"] = _log_run(cfg, picked, features, result.fast, summary)
+        if register:
+            from metaprep.registry.pyfunc import register_adapted
+
+            tags = {k: str(summary[k]) for k in ("task", "algorithm", "reparam", "base", "controller",
+                                                 "query_loss_after", "mlflow_run_id")}
+            summary["registered_model"] = register_adapted(tracking, summary["mlflow_run_id"], register, model,
+                                                           loaded, cfg, result.fast, result.arch, tags)
         publish()
     return summary
+
+
+def _load_checked(base: str, controller: str | None, exports: dict[str, Path], register: str | None):
+    """(model, loaded, cfg, controller URI) of the prepared model. The exports and ``register`` it cannot give
+    are refused from the controller's spec, before the base is downloaded or any weights load."""
+    from metaprep.registry.artifacts import load_prepared, read_base_info, read_spec
+    from metaprep.registry.export import check_exportable
+    from metaprep.registry.resolve import companion_controller, resolve_artifact
+
+    controller = controller or companion_controller(base, None)
+    # a base folder is checked first (a bad --base is named before anything else); a registry base downloads last
+    base_dir = None if base.startswith("models:/") else resolve_artifact(base, None)
+    if base_dir is not None:
+        read_base_info(base_dir)  # a controller given as --base is named as swapped, as loading would
+    ctrl_dir = resolve_artifact(controller, None)
+    algorithm, kind, family = read_spec(ctrl_dir)
+    check_exportable(algorithm, kind, family, merged="merged" in exports, peft="peft" in exports,
+                     register=register is not None)
+    model, loaded, cfg = load_prepared(base_dir or resolve_artifact(base, None), ctrl_dir)
+    return model, loaded, cfg, controller
+
+
+def _check_register(name: str | None, log_mlflow: bool) -> str | None:
+    """The tracking URI to register ``name`` into (checked to answer), or None without ``--register``."""
+    if name is None:
+        return None
+    from metaprep.registry.names import check_model_name
+    from metaprep.registry.tracking import reachable_tracking_uri
+
+    check_model_name(name, "--register")
+    if not log_mlflow:
+        raise ConfigError("--register: the model is logged into the adapt run's MLflow record; drop --no-mlflow")
+    return reachable_tracking_uri(None)
 
 
 def _check_family(task: Task, family: str, source: str) -> None:

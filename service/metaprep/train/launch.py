@@ -4,7 +4,7 @@
 runs the same pieces under its sweep's parent run, without registering: :func:`start_run` (the
 MLflow run with the full configuration as params), :func:`fit` (``build_trainer`` + ``fit``, the run
 marked ``FAILED`` if it raises), :attr:`FitResult.diverged` and :attr:`FitResult.learned_nothing`.
-The sweep driver shares :func:`check_inputs`, :func:`init_ray`, :func:`storage_root` and :func:`new_run_name`.
+The sweep driver shares :func:`check_inputs`, :func:`connect_ray`, :func:`storage_root` and :func:`new_run_name`.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from metaprep.config import MetaTrainConfig, flatten
-from metaprep.errors import MetaprepError, TrainingDivergedError
+from metaprep.errors import ConfigError, MetaprepError, TrainingDivergedError
 from metaprep.runtime import use_loopback_ray
 
 RUN_FILE = "metaprep_run.json"  # {run_id, tracking_uri}: how --resume finds the MLflow run of a Ray run
@@ -62,8 +63,31 @@ def check_inputs(cfg: MetaTrainConfig) -> tuple[Any, str]:
     _say(f"tasks ({cfg.tasks.family}): {len(split.train)} meta-train, {len(split.val)} meta-val, {len(split.test)} "
          f"meta-test; meta-val: {_names(split.val)}; meta-test: {_names(split.test)}")
     model, _ = build_meta_model(cfg)
+    check_context(cfg, model.lm)
     build_learner(cfg, model, num_train_tasks=len(split.train))  # the algorithm's own state (Meta-LoRA adapters)
     return split, fingerprint(split.train + split.val + split.test)
+
+
+def check_context(cfg: MetaTrainConfig, lm: Any) -> None:
+    """``tasks.seq_len`` within the model's context (learned positions would index past their table in a worker)."""
+    config = getattr(lm, "config", None)
+    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if isinstance(context, int) and cfg.tasks.seq_len > context:
+        raise ConfigError(f"tasks.seq_len: must be <= the model's context of {context} tokens "
+                          f"({cfg.model.path}), got {cfg.tasks.seq_len}")
+
+
+def check_cluster_fits(cfg: MetaTrainConfig, resources: dict[str, float], what: str = "the run") -> tuple[float, float]:
+    """(cluster total, one run's need) of the resource the Train workers ask for; a need the cluster can never
+    grant is refused here (Ray would otherwise wait for it forever). ``resources``: ``ray.cluster_resources()``."""
+    d = cfg.distributed
+    kind, need = ("GPU", d.num_workers) if d.use_gpu else ("CPU", d.num_workers * d.cpus_per_worker)
+    total = float(resources.get(kind, 0.0))
+    if total < need:
+        raise ConfigError(f"distributed: {what} needs {need:g} {kind} ({d.num_workers} workers"
+                          f"{'' if d.use_gpu else f' x {d.cpus_per_worker} CPUs'}) but the Ray cluster has "
+                          f"{total:g}; lower distributed.num_workers / cpus_per_worker")
+    return total, float(need)
 
 
 def init_ray(log_to_driver: bool) -> None:
@@ -84,10 +108,22 @@ def init_ray(log_to_driver: bool) -> None:
             "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
             # MLflow's telemetry thread edits os.environ while request threads read it (a KeyError
             # '_MLFLOW_TELEMETRY_SESSION_ID' failed a trial's log_batch); it has no network here anyway.
-            "MLFLOW_DISABLE_TELEMETRY": os.environ.get("MLFLOW_DISABLE_TELEMETRY", "true")}})
+            "MLFLOW_DISABLE_TELEMETRY": os.environ.get("MLFLOW_DISABLE_TELEMETRY", "true"),
+            "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": os.environ.get("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT",
+                                                                     "true")}})
     except ConnectionError as exc:
         raise MetaprepError(f"cannot connect to the Ray cluster ({str(exc).splitlines()[0]}); start it with "
                             f"`make up` or set RAY_ADDRESS") from None
+
+
+def connect_ray(cfg: MetaTrainConfig, log_to_driver: bool) -> dict[str, float]:
+    """:func:`init_ray`, then refuse a run whose workers the cluster can never place; returns its resources."""
+    import ray
+
+    init_ray(log_to_driver)
+    resources = ray.cluster_resources()
+    check_cluster_fits(cfg, resources)
+    return resources
 
 
 @dataclass
@@ -126,13 +162,21 @@ def start_run(cfg: MetaTrainConfig, uri: str, name: str, storage: Path, *, exper
 
 def reopen_run(cfg: MetaTrainConfig, uri: str, name: str, storage: Path) -> TrainingRun:
     """The stopped run ``name`` under ``storage``, to continue from its latest checkpoint."""
-    from metaprep.registry.client import mlflow_client
+    from metaprep.registry.client import mlflow_client, run_exists
 
     run_file = storage / name / RUN_FILE
-    if not run_file.exists():
+    if not run_file.is_file():
         raise MetaprepError(f"--resume {name}: no such run under {storage} (run names are printed at start "
                             f"and stored in the summary JSON)")
-    return TrainingRun(cfg, name, storage, uri, json.loads(run_file.read_text())["run_id"], mlflow_client(uri))
+    try:
+        run_id = str(json.loads(run_file.read_text())["run_id"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise MetaprepError(f"--resume {name}: {run_file} is unreadable or has no run_id") from None
+    client = mlflow_client(uri)
+    if not run_exists(client, run_id):
+        raise MetaprepError(f"--resume {name}: its MLflow run {run_id} is not in the tracking store {uri}; "
+                            f"resume against the store it was started with")
+    return TrainingRun(cfg, name, storage, uri, run_id, client)
 
 
 @dataclass
@@ -195,6 +239,14 @@ def fit(run: TrainingRun, callbacks: Sequence[Any] = ()) -> FitResult:
     return result
 
 
+def discard(run: TrainingRun, *, fresh: bool) -> None:
+    """A run that failed for a reason the user must fix: its MLflow run ``FAILED`` and, when this job created
+    it (not ``--resume``) and it holds no checkpoint to resume from, its Ray results folder removed."""
+    run.client.set_terminated(run.run_id, "FAILED")
+    if fresh and not any(run.folder.glob("checkpoint_*")):
+        shutil.rmtree(run.folder, ignore_errors=True)
+
+
 def user_error(exc: BaseException) -> MetaprepError | None:
     """Find a MetaprepError raised inside a Ray worker (wrapped in Ray's exception types)."""
     seen = set()
@@ -227,26 +279,26 @@ def launch_meta_training(cfg: MetaTrainConfig, *, resume: str | None = None,
     uri = reachable_tracking_uri(cfg.tracking.uri)  # fail in seconds, before any training
     _, data_fp = check_inputs(cfg)
     storage = storage_root(cfg)
-    if resume:
-        run = reopen_run(cfg, uri, resume, storage)
-    else:
-        run = start_run(cfg, uri, new_run_name(cfg.registry.name), storage)
+    run = reopen_run(cfg, uri, resume, storage) if resume else None
+    connect_ray(cfg, log_to_driver=True)  # a need the cluster can never grant is refused before any run exists
+    run = run or start_run(cfg, uri, new_run_name(cfg.registry.name), storage)
     log(f"metaprep: run {run.name} (MLflow run {run.run_id}) -> {uri}")
-    init_ray(log_to_driver=True)
     try:
         result = fit(run)
     except Exception as exc:  # Ray wraps worker errors; surface the user-facing cause as one line
-        cause = user_error(exc)
-        if cause is not None:
-            raise cause from None
-        raise
+        cause = exc if isinstance(exc, MetaprepError) else user_error(exc)
+        if cause is None:  # a crash, not bad input: the folder stays for --resume
+            run.client.set_terminated(run.run_id, "FAILED")
+            raise
+        discard(run, fresh=not resume)
+        raise cause from None
     final = result.final
     if result.diverged:
-        run.client.set_terminated(run.run_id, "FAILED")
+        discard(run, fresh=not resume)
         raise TrainingDivergedError(f"{divergence(cfg, final.get('diverged_at'))}; lower the learning rates. "
                                     f"Nothing was registered.")
     if result.learned_nothing:
-        run.client.set_terminated(run.run_id, "FAILED")
+        discard(run, fresh=not resume)
         raise TrainingDivergedError(f"the run learned nothing: {result.learned_nothing} (meta.inner_lr="
                                     f"{cfg.meta.inner_lr}, meta.outer_lr={cfg.meta.outer_lr}); check the learning "
                                     f"rates. Nothing was registered.")

@@ -71,11 +71,13 @@ def _write_status(env: WorkerEnv, final: dict) -> None:
         tmp.replace(env.status_path)
 
 
-def save_checkpoint(engine, folder: Path, step: int, history: dict, seed: int, rank: int) -> None:
+def save_checkpoint(engine, folder: Path, step: int, history: dict, seed: int, rank: int, *,
+                    previous: bool = True) -> None:
     """Write this rank's DeepSpeed shard and (rank 0) the trainer state into a fresh folder.
 
     The folder is new for every checkpoint and only handed to Ray once complete, so a failed write
-    (full disk, I/O error) never touches the previous checkpoint; it fails with one clear line.
+    (full disk, I/O error) never touches the previous checkpoint; it fails with one clear line, which says
+    whether there is a ``previous`` checkpoint to ``--resume`` from.
     """
     try:
         if os.environ.get(FAULT_ENV) == str(step):  # fault injection for the reliability tests
@@ -84,8 +86,10 @@ def save_checkpoint(engine, folder: Path, step: int, history: dict, seed: int, r
         if rank == 0:
             (folder / STATE_FILE).write_text(json.dumps({"step": step, "history": history, "seed": seed}))
     except OSError as exc:
+        then = ("the previous checkpoint is intact, free space and --resume the run" if previous else
+                "no checkpoint was written before it, free space and start the run again")
         raise CheckpointError(f"checkpoint write failed at meta-step {step} in {folder} ({exc.strerror or exc}); "
-                              f"the previous checkpoint is intact, free space and --resume the run") from None
+                              f"{then}") from None
 
 
 def _updated(engine) -> bool:
@@ -219,7 +223,8 @@ def run_worker(cfg: MetaTrainConfig, env: WorkerEnv, tracking: dict | None, expo
             progress.step(done, step_metrics)
         if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < meta_steps:
             ckpt = env.scratch / f"ckpt-{done}-rank{env.rank}"
-            save_checkpoint(engine, ckpt, done, history, cfg.seed, env.rank)
+            save_checkpoint(engine, ckpt, done, history, cfg.seed, env.rank,
+                            previous=start > 0 or done > cfg.checkpoint.every)
             env.report({"meta_step": done, "meta_loss": step_metrics["meta_loss"]}, ckpt)
 
     final = {"meta_steps": meta_steps if diverged is None else diverged,

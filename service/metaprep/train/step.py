@@ -78,11 +78,11 @@ def make_engine(cfg: MetaTrainConfig, learner: MetaLearner):
 
 def autocast_dtype(cfg: MetaTrainConfig) -> torch.dtype | None:
     """The autocast dtype of ``distributed.precision`` (None: fp32, no autocast)."""
-    return torch.bfloat16 if cfg.distributed.precision == "bf16" else None
+    return torch.bfloat16 if cfg.distributed.bf16 else None
 
 
 def autocast(cfg: MetaTrainConfig):
-    if cfg.distributed.precision == "bf16":
+    if cfg.distributed.bf16:
         return torch.autocast("cuda" if cfg.distributed.use_gpu else "cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

@@ -19,7 +19,7 @@ JSON and nothing is unpickled.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -41,6 +41,28 @@ class Column:
     @property
     def width(self) -> int:
         return len(self.categories) if self.kind == "cat" else 1 + int(self.missing)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Column:
+        """A column saved by ``asdict``; ``ValueError`` naming the field when a value has the wrong type."""
+        if not isinstance(data, dict) or not isinstance(data.get("name"), str):
+            raise ValueError("column must be an object with a string 'name'")
+        where = f"column {data['name']!r}"
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"{where}: unknown fields {unknown}")
+        if data.get("kind") not in ("num", "cat"):
+            raise ValueError(f"{where}: 'kind' must be 'num' or 'cat', got {data.get('kind')!r}")
+        for key in ("log", "missing"):
+            if not isinstance(data.get(key, False), bool):
+                raise ValueError(f"{where}: {key!r} must be true or false")
+        for key in ("offset", "mean", "std"):
+            if not _is_number(data.get(key, 0.0)):
+                raise ValueError(f"{where}: {key!r} must be a finite number")
+        categories = data.get("categories", [])
+        if not isinstance(categories, list) or not all(isinstance(c, str) for c in categories):
+            raise ValueError(f"{where}: 'categories' must be a list of strings")
+        return cls(**data)
 
 
 def _is_number(v: Any) -> bool:
@@ -120,8 +142,11 @@ class DictEncoder:
         return {"columns": [asdict(c) for c in self.columns]}
 
     @classmethod
-    def from_dict(cls, data: dict) -> DictEncoder:
-        return cls([Column(**c) for c in data["columns"]])
+    def from_dict(cls, data: Any) -> DictEncoder:
+        """An encoder saved by :meth:`to_dict`; ``ValueError`` when it is malformed."""
+        if not isinstance(data, dict) or not isinstance(data.get("columns"), list):
+            raise ValueError("must be an object with a list 'columns'")
+        return cls([Column.from_dict(c) for c in data["columns"]])
 
 
 class FeatureEncoder:
@@ -155,5 +180,14 @@ class FeatureEncoder:
         return {"config": self.config.to_dict(), "meta": self.meta.to_dict()}
 
     @classmethod
-    def from_dict(cls, data: dict) -> FeatureEncoder:
-        return cls(DictEncoder.from_dict(data["config"]), DictEncoder.from_dict(data["meta"]))
+    def from_dict(cls, data: Any) -> FeatureEncoder:
+        """An encoder saved by :meth:`to_dict`; ``ValueError`` naming the part that is malformed."""
+        if not isinstance(data, dict):
+            raise ValueError("must be an object with 'config' and 'meta' encoders")
+        parts = []
+        for part in ("config", "meta"):
+            try:
+                parts.append(DictEncoder.from_dict(data.get(part)))
+            except ValueError as exc:
+                raise ValueError(f"{part!r}: {exc}") from None
+        return cls(*parts)

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import math
 from itertools import pairwise
@@ -58,7 +59,7 @@ from pathlib import Path
 from typing import Any
 
 from metaprep.errors import DataError
-from metaprep.jsonio import read_jsonl
+from metaprep.jsonio import decode_utf8, read_bytes, read_json, read_jsonl
 from metaprep.registry.adapt_runs import ADAPT_EXPERIMENT, META_FEATURE, AdaptRun, read_adapt_runs
 from metaprep.transfer.metadataset import ConfigValue, MetaDataset, MetaRow
 
@@ -82,6 +83,12 @@ def _number(value: Any) -> float | None:
             return None
         return number if math.isfinite(number) else None
     return None
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for one-line errors."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _config_value(value: Any) -> ConfigValue:
@@ -135,68 +142,110 @@ def read_nmtlc(path: str | Path) -> MetaDataset:
     return MetaDataset(rows, path.name, "nmtlc", "-ln(best validation perplexity)")
 
 
-def _load_json(path: Path) -> Any:
+QUICKTUNE_SHAPES = {"perf.json": "{dataset: {config_id: [per-epoch values]}}",
+                    "cost.json": "{dataset: {config_id: [per-epoch seconds]}}",
+                    "descriptors.json": f"{{dataset: [{', '.join(QUICKTUNE_META)}]}}"}
+
+
+def _quicktune_missing(path: Path) -> DataError:
+    return DataError(f"{path}: missing (a Quick-Tune folder has {', '.join(QUICKTUNE_FILES)})")
+
+
+def _load_json(path: Path) -> dict:
+    """One JSON file of a Quick-Tune folder: an object of the shape in :data:`QUICKTUNE_SHAPES`."""
+    if not path.exists():
+        raise _quicktune_missing(path)
+    data = read_json(path, "Quick-Tune file")
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: must be a JSON object {QUICKTUNE_SHAPES[path.name]}, got {type(data).__name__}")
+    return data
+
+
+def _read_table(path: Path) -> dict[str, dict[str, ConfigValue]]:
+    """``table.csv``: configuration id -> configuration (one-hot ``cat:NAME:VALUE`` columns folded back)."""
+    if not path.exists():
+        raise _quicktune_missing(path)
+    reader = csv.reader(io.StringIO(decode_utf8(read_bytes(path, "Quick-Tune table"), str(path)), newline=""))
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"{path}: missing (a Quick-Tune folder has {', '.join(QUICKTUNE_FILES)})") from None
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})") from None
+        header = next(reader, None)
+        rows = list(enumerate(reader, start=2))
+    except csv.Error as exc:
+        raise DataError(f"{path}:{reader.line_num}: malformed CSV ({exc})") from None
+    if not header or len(header) < 2:
+        raise DataError(f"{path}:1: header must be an id column followed by hyperparameter columns")
+    for name in header[1:]:
+        if name.startswith("cat:") and (name.count(":") < 2 or not name.split(":", 2)[1]):
+            raise DataError(f"{path}:1: column {name!r}: one-hot columns are named cat:NAME:VALUE")
+    return {values[0]: _table_row(header, values, f"{path}:{lineno}") for lineno, values in rows}
+
+
+def _table_row(header: list[str], values: list[str], where: str) -> dict[str, ConfigValue]:
+    if len(values) != len(header):
+        raise DataError(f"{where}: {len(values)} cells, header has {len(header)}")
+    config: dict[str, ConfigValue] = {}
+    for name, value in zip(header[1:], values[1:], strict=True):
+        if name.startswith("cat:"):
+            _, hp, choice = name.split(":", 2)
+            if _number(value) == 1.0:
+                config[hp] = choice
+            continue
+        number = _number(value)
+        if number is None:
+            raise DataError(f"{where}: column {name!r} is {value!r}, a number is expected")
+        config[name] = number
+    return config
+
+
+def _descriptors(desc: dict, dataset: str, path: Path) -> dict[str, float]:
+    """The meta-features of ``dataset`` from ``descriptors.json``."""
+    values = desc.get(dataset)
+    numbers = [_number(v) for v in values] if isinstance(values, list) else []
+    if len(numbers) != len(QUICKTUNE_META) or any(n is None for n in numbers):
+        raise DataError(f"{path}: dataset {dataset!r} needs [{', '.join(QUICKTUNE_META)}] (numbers), "
+                        f"got {_short(values)}")
+    return dict(zip(QUICKTUNE_META, numbers, strict=True))  # type: ignore[arg-type]
+
+
+def _run_costs(cost: dict, dataset: str, path: Path) -> dict[str, float]:
+    """Total seconds per configuration id of ``dataset`` (see the module docstring: per-epoch or cumulative)."""
+    runs = cost.get(dataset, {})
+    if not isinstance(runs, dict):
+        raise DataError(f"{path}: {dataset!r} must be an object {{config_id: [per-epoch seconds]}}")
+    lists = {}
+    for cid, values in runs.items():
+        seconds = [_number(v) for v in values] if isinstance(values, list) else [None]
+        if any(v is None or v < 0 for v in seconds):
+            raise DataError(f"{path}: {dataset}/{cid}: costs must be a list of non-negative numbers of seconds, "
+                            f"got {_short(values)}")
+        if seconds:
+            lists[cid] = seconds
+    multi = [c for c in lists.values() if len(c) > 1]
+    cumulative = bool(multi) and all(all(b >= a for a, b in pairwise(c)) for c in multi)
+    return {cid: c[-1] if cumulative else sum(c) for cid, c in lists.items()}
 
 
 def read_quicktune(folder: str | Path) -> MetaDataset:
     """The Quick-Tune meta-dataset folder (see the module docstring)."""
     folder = Path(folder)
-    table_path = folder / "table.csv"
-    try:
-        with table_path.open(newline="", encoding="utf-8") as fh:
-            reader = csv.reader(fh)
-            header = next(reader, None)
-            table_rows = [(i, r) for i, r in enumerate(reader, start=2)]
-    except FileNotFoundError:
-        raise DataError(f"{table_path}: missing (a Quick-Tune folder has {', '.join(QUICKTUNE_FILES)})") from None
-    if not header or len(header) < 2:
-        raise DataError(f"{table_path}:1: header must be an id column followed by hyperparameter columns")
-    configs: dict[str, dict[str, ConfigValue]] = {}
-    for lineno, values in table_rows:
-        if len(values) != len(header):
-            raise DataError(f"{table_path}:{lineno}: {len(values)} cells, header has {len(header)}")
-        config: dict[str, ConfigValue] = {}
-        for name, value in zip(header[1:], values[1:], strict=True):
-            if name.startswith("cat:"):
-                _, hp, choice = name.split(":", 2)
-                if _number(value) == 1.0:
-                    config[hp] = choice
-                continue
-            number = _number(value)
-            if number is None:
-                raise DataError(f"{table_path}:{lineno}: column {name!r} is {value!r}, a number is expected")
-            config[name] = number
-        configs[values[0]] = config
+    configs = _read_table(folder / "table.csv")
     perf = _load_json(folder / "perf.json")
     cost = _load_json(folder / "cost.json")
     desc = _load_json(folder / "descriptors.json")
     rows = []
     for ds, curves in perf.items():
-        if not isinstance(curves, dict) or not all(isinstance(v, list) for v in curves.values()):
+        is_runs = isinstance(curves, dict) and all(isinstance(v, list) for v in curves.values())
+        if not is_runs and ds not in desc:
             continue  # e.g. the "info" entry describing the set
-        if ds not in desc or len(desc[ds]) != len(QUICKTUNE_META):
-            raise DataError(f"{folder / 'descriptors.json'}: dataset {ds!r} needs "
-                            f"[{', '.join(QUICKTUNE_META)}]")
-        meta = {k: float(v) for k, v in zip(QUICKTUNE_META, desc[ds], strict=True)}
-        ds_cost = cost.get(ds, {})
-        multi = [c for c in ds_cost.values() if isinstance(c, list) and len(c) > 1]
-        cumulative = bool(multi) and all(all(b >= a for a, b in pairwise(c)) for c in multi)
+        if not isinstance(curves, dict):
+            raise DataError(f"{folder / 'perf.json'}: {ds!r} must be an object {{config_id: [per-epoch values]}}")
+        meta = _descriptors(desc, ds, folder / "descriptors.json")
+        totals = _run_costs(cost, ds, folder / "cost.json")
         for cid, values in curves.items():
             where = f"{folder / 'perf.json'}: {ds}/{cid}"
             if cid not in configs:
                 raise DataError(f"{where}: configuration id not in table.csv")
             curve = _curve(values, where, "curve")
-            run_cost = ds_cost.get(cid)
-            total = None
-            if isinstance(run_cost, list) and run_cost:
-                total = float(run_cost[-1] if cumulative else sum(run_cost))
-            rows.append(MetaRow(ds, meta, configs[cid], max(curve), tuple(curve), total, where))
+            rows.append(MetaRow(ds, meta, configs[cid], max(curve), tuple(curve), totals.get(cid), where))
     return MetaDataset(rows, folder.name, "quicktune", "best validation top-1 accuracy (%)")
 
 

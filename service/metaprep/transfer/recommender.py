@@ -30,7 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from metaprep.errors import ConfigError
+from metaprep.errors import ConfigError, ModelLoadError
+from metaprep.jsonio import read_json
 from metaprep.transfer.metadataset import MetaDataset, Pool, config_key
 from metaprep.transfer.surrogate import TransferSurrogate
 
@@ -135,10 +136,16 @@ class Recommender:
 
     @classmethod
     def load(cls, dirpath: str | Path) -> Recommender:
-        import json
-
         dirpath = Path(dirpath)
         surrogate = TransferSurrogate.load(dirpath)
         path = dirpath / "candidates.json"
-        candidates = json.loads(path.read_text()) if path.exists() else []
-        return cls(surrogate, candidates)
+        return cls(surrogate, load_candidates(path) if path.exists() else [])
+
+
+def load_candidates(path: Path) -> list[dict]:
+    """The saved candidate pool: a JSON list of configuration objects, else a one-line ``ModelLoadError``."""
+    candidates = read_json(path, "candidate configurations", ModelLoadError)
+    if not isinstance(candidates, list) or not all(isinstance(c, dict) and c for c in candidates):
+        raise ModelLoadError(f"{path}: must be a JSON list of configuration objects (as written by "
+                             "Recommender.save)")
+    return candidates

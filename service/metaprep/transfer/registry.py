@@ -11,27 +11,29 @@ stages).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from metaprep.errors import RegistryError
+from metaprep.jsonio import read_json
+from metaprep.registry.names import check_model_name
 
 EXPERIMENT = "metaprep-transfer"
 ARTIFACT_PATH = "surrogate"
-
-
 def register_surrogate(surrogate_dir: str | Path, name: str, tracking_uri: str, *,
                        tags: dict[str, str] | None = None) -> dict:
     """Log ``surrogate_dir`` as artifacts and register it; returns name, version, run id and source URI."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    check_model_name(name)
     surrogate_dir = Path(surrogate_dir)
     spec_path = surrogate_dir / "surrogate.json"
     if not spec_path.exists():
         raise RegistryError(f"{surrogate_dir}: not a saved surrogate (surrogate.json missing); "
                             "save one with Recommender.save or jobs.recommend --surrogate-dir")
-    spec = json.loads(spec_path.read_text())
+    spec = read_json(spec_path, "surrogate spec", RegistryError)
+    if not isinstance(spec, dict):
+        raise RegistryError(f"{spec_path}: must be a JSON object (written by Recommender.save)")
     version_tags = {"kind": spec.get("kind", ""), "meta_features": ",".join(spec.get("meta_features", [])),
                     "members": str(spec.get("members", "")), "format": "safetensors+json",
                     **(tags or {})}

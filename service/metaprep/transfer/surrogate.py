@@ -41,10 +41,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from metaprep.errors import DataError, ModelLoadError
+from metaprep.jsonio import read_json
 from metaprep.transfer.features import FeatureEncoder
 from metaprep.transfer.metadataset import Pool
 
 FORMAT_VERSION = 1
+MAX_MEMBERS = 1024  # a saved spec sizes the ensembles before any weight is read: bound what it may ask for
+MAX_HIDDEN = 16_384
 CURVE_FEATURES = 5  # [has curve, observed fraction, last, best, last - first]
 
 
@@ -130,13 +133,45 @@ def save_tensors(dirpath: Path, tensors: dict[str, torch.Tensor], filename: str)
 
 
 def load_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
+    """The JSON object of a saved model's spec file, or a one-line :class:`ModelLoadError` naming ``path:line``."""
+    if not path.exists():
         raise ModelLoadError(f"{path}: missing (a saved surrogate folder has surrogate.json and "
-                             "*.safetensors)") from None
-    except json.JSONDecodeError as exc:
-        raise ModelLoadError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})") from None
+                             "*.safetensors)")
+    spec = read_json(path, "model spec", ModelLoadError)
+    if not isinstance(spec, dict):
+        raise ModelLoadError(f"{path}: must be a JSON object (as written by save()), got {type(spec).__name__}")
+    return spec
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_spec(spec: dict, path: Path) -> None:
+    """The fields of a surrogate spec that size the ensembles and scale their inputs, each of the right type."""
+    for key, cap in (("members", MAX_MEMBERS), ("hidden", MAX_HIDDEN)):
+        value = spec.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= cap:
+            raise ModelLoadError(f"{path}: {key!r} must be an integer in [1, {cap}], got {repr(value)[:40]}")
+    names = spec.get("meta_features")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ModelLoadError(f"{path}: 'meta_features' must be a list of meta-feature names")
+    for key, fields in (("curve_stats", ("mean", "std", "horizon")), ("cost_stats", ("mean", "std"))):
+        stats = spec.get(key)
+        if key == "cost_stats" and stats is None:
+            continue
+        if not isinstance(stats, dict) or not all(_finite(stats.get(f)) for f in fields):
+            raise ModelLoadError(f"{path}: {key!r} must be an object of finite numbers {', '.join(fields)}")
+    if not isinstance(spec.get("performance_desc", ""), str):
+        raise ModelLoadError(f"{path}: 'performance_desc' must be a string")
+
+
+def load_encoder(spec: dict, path: Path) -> FeatureEncoder:
+    """The fitted encoder stored in ``spec['encoder']``, or a one-line :class:`ModelLoadError`."""
+    try:
+        return FeatureEncoder.from_dict(spec.get("encoder"))
+    except ValueError as exc:
+        raise ModelLoadError(f"{path}: 'encoder' {exc}; re-save the model") from None
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -146,6 +181,15 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise ModelLoadError(f"{path}: missing weights file") from None
     except Exception as exc:  # safetensors raises its own error types on corrupt headers
         raise ModelLoadError(f"{path}: unreadable safetensors file ({exc})") from None
+
+
+def load_weights(module: nn.Module, path: Path) -> None:
+    """Load ``path`` into ``module``; weights of another shape than the spec describes: one-line error."""
+    try:
+        module.load_state_dict(load_tensors(path))
+    except RuntimeError as exc:  # missing/unexpected keys, size mismatch
+        raise ModelLoadError(f"{path}: weights do not match the spec next to it "
+                             f"({str(exc).splitlines()[-1].strip()[:200]})") from None
 
 
 class TransferSurrogate:
@@ -269,10 +313,11 @@ class TransferSurrogate:
         if spec.get("kind") != "transfer_surrogate" or spec.get("format_version") != FORMAT_VERSION:
             raise ModelLoadError(f"{dirpath / 'surrogate.json'}: not a transfer surrogate of format "
                                  f"{FORMAT_VERSION} (kind={spec.get('kind')!r})")
-        model = cls(FeatureEncoder.from_dict(spec["encoder"]), members=spec["members"], hidden=spec["hidden"],
-                    curve_stats=spec["curve_stats"], cost_stats=spec["cost_stats"],
+        check_spec(spec, dirpath / "surrogate.json")
+        model = cls(load_encoder(spec, dirpath / "surrogate.json"), members=spec["members"], hidden=spec["hidden"],
+                    curve_stats=spec["curve_stats"], cost_stats=spec.get("cost_stats"),
                     meta_features=spec["meta_features"], performance_desc=spec.get("performance_desc", ""))
-        model.perf.load_state_dict(load_tensors(dirpath / "perf.safetensors"))
+        load_weights(model.perf, dirpath / "perf.safetensors")
         if model.cost is not None:
-            model.cost.load_state_dict(load_tensors(dirpath / "cost.safetensors"))
+            load_weights(model.cost, dirpath / "cost.safetensors")
         return model

@@ -47,13 +47,9 @@ def sweep_recipe(path: str | Path, overrides: list[str] | None = None, num_sampl
 
 def max_concurrent_trials(resources: dict[str, float], cfg: MetaTrainConfig, spec: SweepSpec) -> int:
     """Trials whose Train workers fit on the cluster at once (at least 1, at most ``num_samples``)."""
-    d = cfg.distributed
-    kind, per_trial = ("GPU", d.num_workers) if d.use_gpu else ("CPU", d.num_workers * d.cpus_per_worker)
-    total = float(resources.get(kind, 0.0))
-    if total < per_trial:
-        raise ConfigError(f"distributed: a trial needs {per_trial:g} {kind} ({d.num_workers} workers"
-                          f"{'' if d.use_gpu else f' x {d.cpus_per_worker} CPUs'}) but the Ray cluster has "
-                          f"{total:g}; lower distributed.num_workers / cpus_per_worker")
+    from metaprep.train.launch import check_cluster_fits
+
+    total, per_trial = check_cluster_fits(cfg, resources, "a trial")
     n = max(1, int(total // per_trial))
     if spec.max_concurrent:
         n = min(n, spec.max_concurrent)
@@ -176,7 +172,7 @@ def run_sweep(cfg: MetaTrainConfig, base: dict, spec: SweepSpec, log=print) -> d
     t0 = time.perf_counter()
     from metaprep.registry.client import experiment_id, log_params, mlflow_client
     from metaprep.registry.tracking import reachable_tracking_uri
-    from metaprep.train.launch import check_inputs, init_ray, new_run_name, storage_root
+    from metaprep.train.launch import check_inputs, connect_ray, new_run_name, storage_root
     from metaprep.tune.portfolio import resolve_initial_points
 
     spec = resolve_initial_points(spec, cfg.tracking.uri)  # a surrogate that does not fit fails first
@@ -184,10 +180,7 @@ def run_sweep(cfg: MetaTrainConfig, base: dict, spec: SweepSpec, log=print) -> d
     split, data_fp = check_inputs(cfg)  # a bad recipe fails here, not in N trials
     _searcher(spec)  # a missing optional searcher fails here, before any run is created
     base = _absolute_paths(copy.deepcopy(base))
-    init_ray(log_to_driver=False)
-    import ray
-
-    concurrent = max_concurrent_trials(ray.cluster_resources(), cfg, spec)
+    concurrent = max_concurrent_trials(connect_ray(cfg, log_to_driver=False), cfg, spec)
     sweep_name = new_run_name(f"{cfg.registry.name}-sweep")
     client = mlflow_client(uri)
     exp_id = experiment_id(uri, cfg.tracking.experiment)

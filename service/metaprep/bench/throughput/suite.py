@@ -21,7 +21,7 @@ from metaprep.bench.throughput.targets import evaluate_targets, explain, profile
 from metaprep.bench.throughput.timing import measure
 from metaprep.models.base import LoadedModel, load_base_model
 from metaprep.reparam.layers import ReparamLinear
-from metaprep.runtime import keep_freed_memory, release_freed_memory
+from metaprep.runtime import BF16_GEMM_FLAGS, keep_freed_memory, native_bf16_matmul, release_freed_memory
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -103,6 +103,18 @@ def _run(plan: Plan, args: argparse.Namespace) -> dict:
     return report
 
 
+EMULATED_BF16_MAX_S = 2.0  # fp32 steps above this are not timed in bf16 on CPUs without bf16 instructions
+
+
+def emulated_bf16_too_slow(fp32: dict | None) -> str | None:
+    """Why a bf16 step is not timed, or None: on a CPU without bf16 matmul instructions a bf16 step runs about
+    10x its fp32 time (:func:`~metaprep.runtime.native_bf16_matmul`); steps of a few ms are still timed."""
+    if native_bf16_matmul() is not False or fp32 is None or fp32.get("median_s", 0.0) <= EMULATED_BF16_MAX_S:
+        return None
+    return (f"no bf16 matmul instructions on this CPU ({', '.join(BF16_GEMM_FLAGS)} absent): the fp32 step took "
+            f"{fp32['median_s']:.1f} s and bf16 runs about 10x slower here")
+
+
 def _measure_algorithm(plan: Plan, model: ModelPlan, algorithm: str, base: LoadedModel, configs: list[dict]) -> None:
     """Time every method and precision the plan asks of one algorithm on one model; append to ``configs``."""
     setup = Setup(model, algorithm, plan.inner_steps, base)
@@ -115,10 +127,16 @@ def _measure_algorithm(plan: Plan, model: ModelPlan, algorithm: str, base: Loade
         pair = main if pair_size == size else setup.subset(pair_size)
         jobs += ([(pair, "batched", "fp32")] if pair is not main else []) + [(pair, "batched", "bf16")]
     for job, method, precision in jobs:
-        log(f"{model.label} {algorithm} {method} {precision} T={job.meta_batch}")
+        first = find(configs, model.label, algorithm, "batched", "fp32", size)
+        skipped = precision == "bf16" and emulated_bf16_too_slow(first)
+        log(f"{model.label} {algorithm} {method} {precision} T={job.meta_batch}{' skipped: ' if skipped else ''}"
+            f"{skipped or ''}")
+        if skipped:
+            configs.append({"model": model.label, "algorithm": algorithm, "method": method, "precision": precision,
+                            "meta_batch": job.meta_batch, "skipped": skipped})
+            continue
         job.prepare(method)
         step = lambda m=method, p=precision, s=job: getattr(s, m)(p)
-        first = find(configs, model.label, algorithm, "batched", "fp32", size)
         warm = first is None or first.get("median_s", 0.0) <= model.long_step_s
         same = find(configs, model.label, algorithm, method, "fp32", job.meta_batch)
         try:

@@ -85,18 +85,25 @@ def summary_table(report: dict) -> str:
                          + (f" error: {e['error']}" if e.get("error") else ""))
     if report["memory"]:
         model, size = report["memory"][0]["model"], report["memory"][0].get("meta_batch")
-        lines += ["", f"Peak RSS per worker, MB ({model}, meta-batch {size}, one batched meta-step in a fresh "
-                      "process; in brackets the growth during the step):", "",
+        load_peak = max((m.get("peak_rss_mb", 0.0) for m in report["memory"]), default=0.0)
+        lines += ["", f"Peak RSS during one batched meta-step, MB ({model}, meta-batch {size}, in a fresh process; "
+                      f"in brackets the growth during the step; the process peak, model loading included, was "
+                      f"{load_peak:.0f} MB):", "",
                   "| inner steps | first order (fomaml) | second order (maml) |",
                   "|---|---|---|"]
         for k in sorted({m["inner_steps"] for m in report["memory"]}):
             cells = []
             for order in ("first_order", "second_order"):
                 m = next((x for x in report["memory"] if x["inner_steps"] == k and x["order"] == order), {})
-                cells.append(f"{fmt(m.get('peak_rss_mb'), '.0f')} (+{fmt(m.get('step_growth_mb'), '.0f')})"
+                cells.append(f"{fmt(m.get('step_peak_rss_mb', m.get('peak_rss_mb')), '.0f')} "
+                             f"(+{fmt(m.get('step_growth_mb'), '.0f')})"
                              if "peak_rss_mb" in m else f"error: {m.get('error', '–')}")
             lines.append(f"| {k} | {cells[0]} | {cells[1]} |")
     peak, load = report["peak"], report["load_avg"]
+    machine = report["machine"]
+    bf16 = ", ".join(machine["bf16_instructions"]) or "none"
+    lines += ["", f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']} (CPU capability "
+                  f"{machine['cpu_capability']}; bf16 instructions: {bf16})."]
     lines += ["", f"Matmul peak (torch.mm, {report['machine']['threads']} threads): fp32 "
                   f"{peak['fp32_gflops']:.1f} GFLOP/s, bf16 {peak['bf16_gflops']:.1f} GFLOP/s. "
                   f"Load average before/after: {', '.join(f'{x:.2f}' for x in load['before'])} / "
@@ -107,4 +114,6 @@ def summary_table(report: dict) -> str:
         for name, t in targets.items():
             lines.append(f"| {name} | {t['target']} | {fmt(t['value'])} | "
                          f"{'–' if t['met'] is None else ('yes' if t['met'] else 'no')} |")
+        lines += [f"\n{name} not measured: {t['not_measured']}."
+                  for name, t in targets.items() if t.get("not_measured")]
     return "\n".join(lines) + "\n"

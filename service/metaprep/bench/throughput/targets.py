@@ -48,6 +48,10 @@ def evaluate_targets(report: dict) -> dict:
             out[f"mfu_{precision}"] = target(f"mfu_{precision}", large, {
                 a: (find(configs, large, a, "batched", precision, t) or {}).get("mfu") for a, t in sizes.items()})
             out[f"mfu_{precision}"]["meta_batch"] = sizes
+        skipped = next((c["skipped"] for c in configs if c.get("model") == large and c.get("skipped")), None)
+        for name in ("bf16_vs_fp32", "mfu_bf16"):
+            if out[name]["value"] is None and skipped:
+                out[name]["not_measured"] = skipped
     fw = report["framework"]
     ray1 = next((e for e in fw.get("launches", []) if e["launcher"] == "ray_train" and e["workers"] == 1), None)
     if ray1 is not None:
