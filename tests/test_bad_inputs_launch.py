@@ -148,3 +148,18 @@ def test_endless_retries_and_names_that_break_registry_searches_are_refused(stor
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert code.value.code == 2 and expected in line, line
     assert _runs(store, "") == []
+
+
+@pytest.mark.integration
+def test_an_unexpected_worker_exception_is_one_line_and_cleaned_up(stack) -> None:
+    """Not a user error (a bug, a library failure inside the worker): one line naming the worker's exception,
+    the MLflow run FAILED, no results folder without a checkpoint."""
+    name = f"crash-{uuid.uuid4().hex[:6]}"
+    proc = _meta_train(stack, name, "meta.meta_steps=4", "checkpoint.max_failures=0",
+                       env={"METAPREP_FAULT_CRASH_AT": "1"})
+    line = _one_line(proc, ray_logs=True)
+    assert "Ray Train worker 0 failed: RuntimeError: injected worker crash at meta-step 1" in line, line
+    assert "marked FAILED" in line and "--resume" not in line
+    assert [r.info.status for r in _runs(stack["mlflow"], name)] == ["FAILED"]
+    results = Path(stack["env"]["METAPREP_STATE_DIR"]) / "ray_results"
+    assert not list(results.glob(f"{name}-*"))

@@ -264,6 +264,23 @@ def user_error(exc: BaseException) -> MetaprepError | None:
     return None
 
 
+def worker_crash(exc: BaseException) -> str | None:
+    """One line for an unexpected exception inside a Ray Train worker (or Ray itself); None for the driver's own."""
+    failures = getattr(exc, "worker_failures", None) or {}
+    if failures:
+        rank, error = min(failures.items(), key=lambda item: item[0])
+        root = getattr(error, "cause", None) or error
+        return f"Ray Train worker {rank} failed: {type(root).__name__}: {_first_line(root)}"
+    if type(exc).__module__.split(".")[0] == "ray":
+        return f"Ray Train failed: {type(exc).__name__}: {_first_line(exc)}"
+    return None
+
+
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    line = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")
+    return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
 def launch_meta_training(cfg: MetaTrainConfig, *, resume: str | None = None,
                          log: Callable[[str], None] = _say) -> dict:
     """Meta-train ``cfg`` on Ray Train, tracked in MLflow, and register ``NAME-base`` / ``NAME-controller``
@@ -287,10 +304,15 @@ def launch_meta_training(cfg: MetaTrainConfig, *, resume: str | None = None,
         result = fit(run)
     except Exception as exc:  # Ray wraps worker errors; surface the user-facing cause as one line
         cause = exc if isinstance(exc, MetaprepError) else user_error(exc)
-        if cause is None:  # a crash, not bad input: the folder stays for --resume
+        crash = None if cause is not None else worker_crash(exc)
+        if cause is None and crash is None:  # the driver itself failed: its traceback is the report
             run.client.set_terminated(run.run_id, "FAILED")
             raise
         discard(run, fresh=not resume)
+        if cause is None:
+            kept = (f"; continue from its last checkpoint with --resume {run.name}" if run.folder.exists() else "")
+            cause = MetaprepError(f"{crash} (its traceback is in the worker log above and in `ray job logs`); the "
+                                  f"MLflow run {run.run_id} is marked FAILED{kept}")
         raise cause from None
     final = result.final
     if result.diverged:

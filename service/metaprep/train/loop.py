@@ -38,6 +38,7 @@ from metaprep.train.zero3 import zero3_gathered
 
 STATE_FILE = "trainer_state.json"
 FAULT_ENV = "METAPREP_FAULT_CHECKPOINT_AT"
+CRASH_ENV = "METAPREP_FAULT_CRASH_AT"  # fault injection: an unexpected worker exception at this meta-step
 DS_TAG = "meta"
 
 
@@ -195,6 +196,8 @@ def run_worker(cfg: MetaTrainConfig, env: WorkerEnv, tracking: dict | None, expo
     if start == 0:
         best.offer(module, 0, history["meta_val_loss"][0][1])
     for step in range(start, meta_steps):
+        if os.environ.get(CRASH_ENV) == str(step):  # fault injection for the reliability tests
+            raise RuntimeError(f"injected worker crash at meta-step {step}")
         t0 = time.perf_counter()
         support, query = batches(step, device)
         # DeepSpeed skips (rather than applies) a step whose gradients overflowed: that is divergence

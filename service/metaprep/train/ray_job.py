@@ -45,9 +45,10 @@ def build_trainer(cfg: MetaTrainConfig, name: str, storage_path: str, tracking: 
 
     d = cfg.distributed
     env_vars = {"DS_ACCELERATOR": "cuda" if d.use_gpu else "cpu", "TOKENIZERS_PARALLELISM": "false",
-                "MLFLOW_DISABLE_TELEMETRY": "true",
+                "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
                 "OMP_NUM_THREADS": str(d.torch_threads or d.cpus_per_worker)}
-    for key in ("METAPREP_DATA_DIR", "METAPREP_CACHE_DIR", "MLFLOW_TRACKING_URI", "METAPREP_FAULT_CHECKPOINT_AT"):
+    for key in ("METAPREP_DATA_DIR", "METAPREP_CACHE_DIR", "MLFLOW_TRACKING_URI", "METAPREP_FAULT_CHECKPOINT_AT",
+                "METAPREP_FAULT_CRASH_AT"):
         if os.environ.get(key):
             env_vars[key] = os.environ[key]
     return TorchTrainer(
