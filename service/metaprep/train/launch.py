@@ -4,7 +4,8 @@
 runs the same pieces under its sweep's parent run, without registering: :func:`start_run` (the
 MLflow run with the full configuration as params), :func:`fit` (``build_trainer`` + ``fit``, the run
 marked ``FAILED`` if it raises), :attr:`FitResult.diverged` and :attr:`FitResult.learned_nothing`.
-The sweep driver shares :func:`check_inputs`, :func:`connect_ray`, :func:`storage_root` and :func:`new_run_name`.
+The sweep driver shares :func:`check_inputs`, :func:`init_ray`, :func:`check_cluster_fits`, :func:`storage_root`
+and :func:`new_run_name`.
 """
 
 from __future__ import annotations

@@ -172,7 +172,7 @@ def run_sweep(cfg: MetaTrainConfig, base: dict, spec: SweepSpec, log=print) -> d
     t0 = time.perf_counter()
     from metaprep.registry.client import experiment_id, log_params, mlflow_client
     from metaprep.registry.tracking import reachable_tracking_uri
-    from metaprep.train.launch import check_inputs, connect_ray, new_run_name, storage_root
+    from metaprep.train.launch import check_inputs, init_ray, new_run_name, storage_root
     from metaprep.tune.portfolio import resolve_initial_points
 
     spec = resolve_initial_points(spec, cfg.tracking.uri)  # a surrogate that does not fit fails first
@@ -180,7 +180,10 @@ def run_sweep(cfg: MetaTrainConfig, base: dict, spec: SweepSpec, log=print) -> d
     split, data_fp = check_inputs(cfg)  # a bad recipe fails here, not in N trials
     _searcher(spec)  # a missing optional searcher fails here, before any run is created
     base = _absolute_paths(copy.deepcopy(base))
-    concurrent = max_concurrent_trials(connect_ray(cfg, log_to_driver=False), cfg, spec)
+    init_ray(log_to_driver=False)
+    import ray
+
+    concurrent = max_concurrent_trials(ray.cluster_resources(), cfg, spec)  # refuses a trial that can never fit
     sweep_name = new_run_name(f"{cfg.registry.name}-sweep")
     client = mlflow_client(uri)
     exp_id = experiment_id(uri, cfg.tracking.experiment)
