@@ -34,7 +34,7 @@ demo: install up
 	bash cluster/demo.sh
 
 test: install
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" --durations=40
 
 test-slow: install
 	$(PY) -m pytest -q -m "slow"

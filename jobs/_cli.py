@@ -35,12 +35,16 @@ def run_main(main: Callable[[list[str] | None], int | None], argv: list[str] | N
     """Run ``main``; print a :class:`MetaprepError` as one line on stderr and exit 2."""
     try:
         code = main(argv)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler, not at interpreter exit
     except MetaprepError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:  # `python -m jobs.X | head`: the reader left; no traceback, as a shell tool would
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        sys.exit(141)
     sys.exit(code or 0)
 
 

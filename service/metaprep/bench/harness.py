@@ -40,8 +40,9 @@ from metaprep.errors import ConfigError, DataError
 from metaprep.meta.adapt import adapt
 from metaprep.meta.algorithm import ALGORITHMS
 from metaprep.meta.build import build_meta_model
+from metaprep.search.task_encoder import task_encoder
 from metaprep.tasks.base import Episode, TaskBatch, TaskSplit, fixed_episodes, make_batch
-from metaprep.tasks.families import resolve_data_dir
+from metaprep.tasks.families import batch_encoder, resolve_data_dir
 from metaprep.train.local import meta_train_local
 from metaprep.train.loop import load_split
 
@@ -146,6 +147,12 @@ def prepare(method: str, seed: int, proto: Protocol, fold: Fold, model_path: str
     return res.model, res.loaded.tokenizer, info
 
 
+def method_batches(method: str, proto: Protocol, fold: Fold, model_path: str) -> Callable[..., TaskBatch]:
+    """How a method's episodes are encoded: its family's encoder, with the TAMS task encoder if configured."""
+    cfg = make_config(method, 0, proto, fold, model_path)
+    return batch_encoder(cfg.tasks.family, task_encoder(cfg))
+
+
 def evaluate(model, tokenizer, episodes: list[Episode], proto: Protocol, lr: float,
              hook: Hook | None = None, batch_fn: Callable[..., TaskBatch] = make_batch,
              ) -> tuple[list[list[float]], dict[str, list[float]]]:
@@ -174,13 +181,14 @@ def evaluate(model, tokenizer, episodes: list[Episode], proto: Protocol, lr: flo
 def run_folds(folds: list[Fold], proto: Protocol, model_path: str, hook: Hook | None = None,
               val_score: Callable[[list[list[float]], dict], float] | None = None,
               log: Callable[[str], None] = print, prepare_fn: Callable | None = None,
-              batch_fn: Callable[..., TaskBatch] = make_batch) -> list[dict]:
+              batch_fn: Callable[..., TaskBatch] | None = None) -> list[dict]:
     """Meta-train and evaluate every (fold, seed, method); one record each (curves, timings, lr choice).
 
     ``val_score(curve, extras)`` ranks the lr candidates on meta-val (lower is better; default: mean
     query loss after adaptation); ``hook`` runs at meta-val only when a ``val_score`` is given.
     ``prepare_fn`` (default :func:`prepare`) and ``batch_fn`` swap in another model family (the
-    convai2_mc sentence encoder).
+    convai2_mc sentence encoder); by default each method's batches come from its config's
+    :func:`~metaprep.tasks.families.batch_encoder` (with the TAMS task encoder where configured).
     """
     prepare_fn = prepare_fn or prepare
     torch.set_num_threads(proto.threads)  # finetune never enters the training loop, which would set it
@@ -205,21 +213,22 @@ def run_folds(folds: list[Fold], proto: Protocol, model_path: str, hook: Hook | 
             for method in proto.methods:
                 c0, t0 = time.process_time(), time.perf_counter()
                 model, tok, info = prepare_fn(method, seed, proto, fold, model_path)
+                method_batch_fn = batch_fn or method_batches(method, proto, fold, model_path)
                 t1 = time.perf_counter()
                 key = (fold.name, method)
                 val_curves = {}
                 if key not in chosen:  # tuned once per fold, on the first seed, on meta-val tasks only
                     scores = {}
                     for lr in proto.lr_grid:
-                        val_curves[lr], extras = evaluate(model, tok, val_eps, proto, lr, tune_hook, batch_fn)
+                        val_curves[lr], extras = evaluate(model, tok, val_eps, proto, lr, tune_hook, method_batch_fn)
                         score = val_score(val_curves[lr], extras)
                         scores[lr] = score if math.isfinite(score) else float("inf")
                     chosen[key] = (min(scores, key=scores.get), scores)
                 lr, scores = chosen[key]
                 if lr not in val_curves:  # later seeds: meta-val at the chosen lr (paired choices on meta-val)
-                    val_curves[lr], _ = evaluate(model, tok, val_eps, proto, lr, tune_hook, batch_fn)
+                    val_curves[lr], _ = evaluate(model, tok, val_eps, proto, lr, tune_hook, method_batch_fn)
                 t2 = time.perf_counter()
-                curve, extras = evaluate(model, tok, test_eps, proto, lr, hook, batch_fn)
+                curve, extras = evaluate(model, tok, test_eps, proto, lr, hook, method_batch_fn)
                 t3 = time.perf_counter()
                 records.append({"fold": fold.name, "seed": seed, "method": method, "lr": lr,
                                 "val_scores": {str(k): v for k, v in scores.items()},

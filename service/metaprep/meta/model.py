@@ -41,6 +41,7 @@ class MetaModel(nn.Module):
         wrappers = wrap_dense_layers(lm, reparam, self.ctx)
         self.fast_init.add_reparam(wrappers, seed=seed + 1)
         self.controller: ArchController | None = None
+        self.encoded_tasks = False  # TAMS z from a sentence encoder, carried by the support batch
         if search is not None:
             self._add_tams(search, seed)
 
@@ -49,7 +50,11 @@ class MetaModel(nn.Module):
         return self.controller is not None
 
     def _add_tams(self, s: SearchConfig, seed: int) -> None:
+        from metaprep.search.task_encoder import support_encoder, uses_sentence_encoder
+
         dim = self.lm.get_input_embeddings().weight.shape[1]
+        self.encoded_tasks = uses_sentence_encoder(s)  # z comes with the batch (TaskBatch.embedding)
+        z_dim = support_encoder(s.encoder_path).dim if self.encoded_tasks else dim
         gen = torch.Generator().manual_seed(seed + 2)
         ffns = ffn_modules(self.lm)
         for index, (name, ffn) in enumerate(ffns):
@@ -57,7 +62,7 @@ class MetaModel(nn.Module):
             for factor, shape in cell_shapes(dim, s.width, s.nodes, s.ops).items():
                 self.fast_init.add(f"{name}.tams", factor, init_cell_weight(factor, shape, gen),
                                    adapted=factor not in PROJECTIONS)
-        self.controller = ArchController(dim, len(ffns), num_edges(s.nodes), s.ops, s.controller_hidden)
+        self.controller = ArchController(z_dim, len(ffns), num_edges(s.nodes), s.ops, s.controller_hidden)
 
     # ------------------------------------------------------------------ forward pieces
     def task_losses(self, batch: TaskBatch, fast: FastWeights | None, arch: torch.Tensor | None = None,
@@ -67,9 +72,13 @@ class MetaModel(nn.Module):
             return lm_task_losses(self.lm, batch)
 
     def task_embedding(self, batch: TaskBatch) -> torch.Tensor:
-        """z: mean input embedding of the support set (MLtD), or a precomputed encoder embedding."""
+        """z: mean input embedding of the support set (MLtD), or the sentence-encoder embedding that the batch
+        carries (``search.task_embedding: sentence_encoder``, :mod:`metaprep.search.task_encoder`)."""
         if batch.embedding is not None:
             return batch.embedding
+        if self.encoded_tasks:
+            raise ValueError("search.task_embedding: sentence_encoder needs support batches encoded with the task "
+                             "encoder (metaprep.tasks.families.batch_encoder(family, task_encoder(cfg)))")
         emb = self.lm.get_input_embeddings()(batch.input_ids)  # (T, n, L, C)
         mask = batch.attention_mask.unsqueeze(-1).to(emb.dtype)
         return ((emb * mask).sum((1, 2)) / mask.sum((1, 2)).clamp_min(1)).detach()

@@ -35,13 +35,16 @@ def score_prepared(base_dir: Path, ctrl_dir: Path, cfg: MetaTrainConfig, split) 
     import torch
 
     from metaprep.registry.artifacts import load_prepared
-    from metaprep.tasks.base import fixed_episodes, make_batch
+    from metaprep.search.task_encoder import task_encoder
+    from metaprep.tasks.base import fixed_episodes
+    from metaprep.tasks.families import batch_encoder
     from metaprep.train.loop import evaluate
 
     model, loaded, own = load_prepared(base_dir, ctrl_dir)
     eps = fixed_episodes(split.val[: cfg.meta.eval_tasks], cfg.tasks.shots, cfg.tasks.query_size, cfg.seed)
-    support = make_batch(eps, "support", loaded.tokenizer, cfg.tasks.seq_len)
-    query = make_batch(eps, "query", loaded.tokenizer, cfg.tasks.seq_len)
+    encode = batch_encoder(cfg.tasks.family, task_encoder(own))
+    support = encode(eps, "support", loaded.tokenizer, cfg.tasks.seq_len)
+    query = encode(eps, "query", loaded.tokenizer, cfg.tasks.seq_len)
     torch.manual_seed(cfg.seed)
     return float(evaluate(model, own, support, query))
 

@@ -10,7 +10,10 @@ from __future__ import annotations
 import importlib
 import os
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
+
+import torch
 
 from metaprep.config import TasksConfig
 from metaprep.errors import ConfigError, DataError
@@ -32,13 +35,27 @@ _LAZY = {
 FAMILIES = ("synthetic", "jsonl", *_LAZY)
 
 
-def batch_encoder(family: str) -> Callable[..., TaskBatch]:
-    """How the family's episodes become tensors: ``fn(episodes, part, tokenizer, seq_len, task_index)``."""
+def batch_encoder(family: str, task_encoder: Callable[[list], torch.Tensor] | None = None,
+                  ) -> Callable[..., TaskBatch]:
+    """How the family's episodes become tensors: ``fn(episodes, part, tokenizer, seq_len, task_index)``.
+
+    With a ``task_encoder`` (:func:`metaprep.search.task_encoder.task_encoder`), support batches also carry
+    each task's embedding z for the TAMS controller.
+    """
     if family in ENCODER_FAMILIES:
         from metaprep.tasks.convai2_mc import make_mc_batch
 
-        return make_mc_batch
-    return make_batch
+        encode = make_mc_batch
+    else:
+        encode = make_batch
+    if task_encoder is None:
+        return encode
+
+    def encode_with_z(episodes, part, tokenizer, seq_len, task_index=None) -> TaskBatch:
+        batch = encode(episodes, part, tokenizer, seq_len, task_index)
+        return replace(batch, embedding=task_encoder(episodes)) if part == "support" else batch
+
+    return encode_with_z
 
 
 def resolve_data_dir(cfg: TasksConfig) -> Path | None:

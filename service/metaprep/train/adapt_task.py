@@ -108,7 +108,9 @@ def adapt_registered(base: str, controller: str | None = None, *, tasks: str | N
     _check_family(picked, cfg.tasks.family, tasks or "--meta-test")
     lr = lr if lr is not None else cfg.meta.inner_lr
     episode = draw_episode(picked, shots, query_size, seed)
-    encode = batch_encoder(cfg.tasks.family)
+    from metaprep.search.task_encoder import task_encoder
+
+    encode = batch_encoder(cfg.tasks.family, task_encoder(cfg))
     support = encode([episode], "support", loaded.tokenizer, cfg.tasks.seq_len)
     query = encode([episode], "query", loaded.tokenizer, cfg.tasks.seq_len)
 

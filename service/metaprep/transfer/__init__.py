@@ -6,6 +6,10 @@
 - :mod:`~metaprep.transfer.surrogate`: performance (with uncertainty) and cost surrogates, saved as
   safetensors + JSON;
 - :mod:`~metaprep.transfer.recommender`: zero-shot ranking and top-k portfolio (optionally cost-aware);
+- :mod:`~metaprep.transfer.evidence`: the training evidence behind a pick (predicted metric in its own
+  units with a band, nearest training datasets), saved next to the surrogate;
+- :mod:`~metaprep.transfer.scope`: restricting the candidates (``--scope KEY=VALUE``, ``--finetune-only``);
+- :mod:`~metaprep.transfer.recommend_run`: what ``jobs.recommend`` runs;
 - :mod:`~metaprep.transfer.searcher`: a Ray Tune searcher proposing the portfolio first;
 - :mod:`~metaprep.transfer.registry`: logging and registering a fitted surrogate in MLflow.
 

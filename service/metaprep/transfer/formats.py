@@ -1,4 +1,7 @@
-"""Readers of meta-dataset formats; each returns a :class:`~metaprep.transfer.metadataset.MetaDataset`.
+"""Readers of meta-dataset formats; each returns a :class:`~metaprep.transfer.metadataset.MetaDataset`
+whose :class:`~metaprep.transfer.metadataset.Metric` says how to report ``performance`` in the metric's own
+units (NMTLC: perplexity; Quick-Tune: accuracy in %; generic: the ``performance`` column, or the ``loss``
+column when every row gives a loss; MLflow adapt runs: ``final_query_loss``).
 
 - **NMTLC JSONL** (``read_nmtlc``): one run per line with ``task``, ``dataset_name``, ``basemodel``,
   ``hyperparams``, ``perplexity_curve``, ``perplexity_optimal``, ``max_len``. A *dataset* is a
@@ -61,11 +64,18 @@ from typing import Any
 from metaprep.errors import DataError
 from metaprep.jsonio import decode_utf8, read_bytes, read_json, read_jsonl
 from metaprep.registry.adapt_runs import ADAPT_EXPERIMENT, META_FEATURE, AdaptRun, read_adapt_runs
-from metaprep.transfer.metadataset import ConfigValue, MetaDataset, MetaRow
+from metaprep.transfer.metadataset import GENERIC_METRIC, ConfigValue, MetaDataset, MetaRow, Metric
 
 NMTLC_KEYS = ("dataset_name", "hyperparams", "perplexity_curve")
 QUICKTUNE_FILES = ("table.csv", "perf.json", "cost.json", "descriptors.json")
 QUICKTUNE_META = ("num_samples", "num_classes", "resolution", "num_channels")
+NMTLC_METRIC = Metric("perplexity", "best validation perplexity (exp of the cross-entropy in nats/token); "
+                      "lower is better", higher_is_better=False, transform="exp_neg")
+QUICKTUNE_METRIC = Metric("accuracy_pct", "best validation top-1 accuracy in percent (0-100); higher is better")
+GENERIC_LOSS_METRIC = Metric("loss", "the meta-dataset's loss column; lower is better", higher_is_better=False,
+                             transform="negate")
+ADAPT_METRIC = Metric("final_query_loss", "the adapt run's final query loss; lower is better",
+                      higher_is_better=False, transform="negate")
 GENERIC_EXPECTED = ("expected columns: dataset, config.NAME..., meta.NAME..., performance (or loss "
                     "or curve), optional cost")
 
@@ -139,7 +149,7 @@ def read_nmtlc(path: str | Path) -> MetaDataset:
             curve=tuple(-math.log(p) for p in ppl),
             source=where,
         ))
-    return MetaDataset(rows, path.name, "nmtlc", "-ln(best validation perplexity)")
+    return MetaDataset(rows, path.name, "nmtlc", "-ln(best validation perplexity)", NMTLC_METRIC)
 
 
 QUICKTUNE_SHAPES = {"perf.json": "{dataset: {config_id: [per-epoch values]}}",
@@ -246,7 +256,7 @@ def read_quicktune(folder: str | Path) -> MetaDataset:
                 raise DataError(f"{where}: configuration id not in table.csv")
             curve = _curve(values, where, "curve")
             rows.append(MetaRow(ds, meta, configs[cid], max(curve), tuple(curve), totals.get(cid), where))
-    return MetaDataset(rows, folder.name, "quicktune", "best validation top-1 accuracy (%)")
+    return MetaDataset(rows, folder.name, "quicktune", "best validation top-1 accuracy (%)", QUICKTUNE_METRIC)
 
 
 def _split_prefixed(obj: dict, where: str) -> tuple[dict[str, ConfigValue], dict[str, float]]:
@@ -272,6 +282,11 @@ def _split_prefixed(obj: dict, where: str) -> tuple[dict[str, ConfigValue], dict
     return config, meta
 
 
+def _is_loss(obj: dict) -> bool:
+    """Whether a generic row gives its score as ``loss`` (lower is better) rather than ``performance``."""
+    return obj.get("performance") in (None, "") and obj.get("loss") not in (None, "")
+
+
 def _generic_row(obj: dict, where: str) -> MetaRow:
     dataset = obj.get("dataset")
     if dataset in (None, ""):
@@ -282,7 +297,7 @@ def _generic_row(obj: dict, where: str) -> MetaRow:
                         f"{GENERIC_EXPECTED}")
     sign = 1.0
     target = obj.get("performance")
-    if target in (None, "") and obj.get("loss") not in (None, ""):
+    if _is_loss(obj):
         sign, target = -1.0, obj["loss"]
     curve_raw = obj.get("curve")
     if isinstance(curve_raw, str) and curve_raw.strip():
@@ -311,7 +326,7 @@ def _generic_row(obj: dict, where: str) -> MetaRow:
 def read_generic(path: str | Path) -> MetaDataset:
     """The documented generic format, as CSV (``.csv``) or JSONL (anything else)."""
     path = Path(path)
-    rows = []
+    rows, losses = [], []
     if path.suffix.lower() == ".csv":
         try:
             with path.open(newline="", encoding="utf-8") as fh:
@@ -322,15 +337,20 @@ def read_generic(path: str | Path) -> MetaDataset:
                     if None in record:
                         raise DataError(f"{path}:{lineno}: more cells than header columns")
                     rows.append(_generic_row(record, f"{path}:{lineno}"))
+                    losses.append(_is_loss(record))
         except FileNotFoundError:
             raise DataError(f"{path}: meta-dataset file not found") from None
         except UnicodeDecodeError:
             raise DataError(f"{path}: not UTF-8 text") from None
     else:
-        rows = [_generic_row(obj, f"{path}:{lineno}") for lineno, obj in read_jsonl(path, "meta-dataset file")]
+        for lineno, obj in read_jsonl(path, "meta-dataset file"):
+            rows.append(_generic_row(obj, f"{path}:{lineno}"))
+            losses.append(_is_loss(obj))
     if not rows:
         raise DataError(f"{path}: no runs; {GENERIC_EXPECTED}")
-    return MetaDataset(rows, path.name, "generic", "performance column (higher is better)")
+    # a file scored by ``loss`` throughout reports losses; any ``performance`` row keeps the oriented score
+    metric = GENERIC_LOSS_METRIC if all(losses) else GENERIC_METRIC
+    return MetaDataset(rows, path.name, "generic", "performance column (higher is better)", metric)
 
 
 def read_mlflow_adapt_runs(tracking_uri: str, experiment: str = ADAPT_EXPERIMENT) -> MetaDataset:
@@ -340,7 +360,7 @@ def read_mlflow_adapt_runs(tracking_uri: str, experiment: str = ADAPT_EXPERIMENT
     if not rows:
         raise DataError(f"{tracking_uri}: experiment {experiment!r} has no FINISHED run with config.* params "
                         "and a query_loss/final_query_loss metric")
-    return MetaDataset(rows, f"mlflow:{experiment}", "mlflow", "-final_query_loss")
+    return MetaDataset(rows, f"mlflow:{experiment}", "mlflow", "-final_query_loss", ADAPT_METRIC)
 
 
 def _adapt_run_row(run: AdaptRun, tracking_uri: str) -> MetaRow | None:

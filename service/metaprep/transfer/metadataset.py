@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,47 @@ from metaprep.registry.adapt_runs import ADAPT_EXPERIMENT
 
 ConfigValue = float | str
 
+# How a reader's higher-is-better ``performance`` maps back to the metric a user reads.
+METRIC_TRANSFORMS = {
+    "identity": lambda p: p,
+    "negate": lambda p: -p,  # a loss stored negated
+    "exp_neg": lambda p: np.exp(-p),  # a perplexity stored as -ln(perplexity)
+}
+
+
+@dataclass(frozen=True)
+class Metric:
+    """The quantity a meta-dataset measures, in its own units (``performance`` is oriented for the surrogates)."""
+
+    name: str  # short column name, e.g. "perplexity"
+    meaning: str  # what a value means and which way is better, for users
+    higher_is_better: bool = True
+    transform: str = "identity"  # a key of METRIC_TRANSFORMS: performance -> metric
+
+    def value(self, performance: float | np.ndarray) -> float | np.ndarray:
+        """The metric in its own units of a (higher-is-better) ``performance``."""
+        out = METRIC_TRANSFORMS[self.transform](np.asarray(performance, dtype=float))
+        return float(out) if out.ndim == 0 else out
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: object) -> Metric:
+        """A metric saved by :meth:`to_dict`; ``ValueError`` naming the field that is wrong."""
+        if not isinstance(data, dict) or not all(isinstance(data.get(k), str) for k in ("name", "meaning")):
+            raise ValueError("metric must be an object with string 'name' and 'meaning'")
+        if not isinstance(data.get("higher_is_better", True), bool):
+            raise ValueError("metric 'higher_is_better' must be true or false")
+        if data.get("transform", "identity") not in METRIC_TRANSFORMS:
+            raise ValueError(f"metric 'transform' must be one of {sorted(METRIC_TRANSFORMS)}")
+        unknown = sorted(set(data) - {"name", "meaning", "higher_is_better", "transform"})
+        if unknown:
+            raise ValueError(f"metric: unknown fields {unknown}")
+        return cls(**data)
+
+
+GENERIC_METRIC = Metric("performance", "the meta-dataset's performance score; higher is better")
 
 
 @dataclass(frozen=True)
@@ -62,6 +103,7 @@ class MetaDataset:
     name: str
     source_format: str
     performance_desc: str
+    metric: Metric = GENERIC_METRIC  # what ``performance`` measures, in the metric's own units
     _pools: dict[str, Pool] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -120,13 +162,26 @@ class MetaDataset:
     def subset(self, datasets: list[str] | set[str]) -> MetaDataset:
         keep = set(datasets)
         return MetaDataset([r for r in self.rows if r.dataset in keep], self.name, self.source_format,
-                           self.performance_desc)
+                           self.performance_desc, self.metric)
 
 
 def config_key(config: dict[str, ConfigValue]) -> str:
     """A canonical string for a configuration (dict order and int/float spelling do not matter)."""
     return json.dumps({k: (float(v) if isinstance(v, (int, float)) else v) for k, v in config.items()},
                       sort_keys=True)
+
+
+def distinct_configs(pools: list[Pool]) -> list[dict[str, ConfigValue]]:
+    """Every configuration of ``pools`` once, in order of first appearance (the default candidate pool)."""
+    seen: set[str] = set()
+    out = []
+    for pool in pools:
+        for config in pool.configs:
+            key = config_key(config)
+            if key not in seen:
+                seen.add(key)
+                out.append(config)
+    return out
 
 
 def load_metadataset(path: str | Path) -> MetaDataset:

@@ -32,7 +32,8 @@ import numpy as np
 
 from metaprep.errors import ConfigError, ModelLoadError
 from metaprep.jsonio import read_json
-from metaprep.transfer.metadataset import MetaDataset, Pool, config_key
+from metaprep.transfer.evidence import EVIDENCE_FILE, TrainingEvidence, load_evidence
+from metaprep.transfer.metadataset import GENERIC_METRIC, MetaDataset, Pool
 from metaprep.transfer.surrogate import TransferSurrogate
 
 
@@ -87,25 +88,23 @@ def greedy_portfolio(members: np.ndarray, k: int, cost: np.ndarray | None = None
 
 
 class Recommender:
-    """A fitted :class:`TransferSurrogate` plus the default candidate pool (the meta-dataset's configs)."""
+    """A fitted :class:`TransferSurrogate`, the default candidate pool (the meta-dataset's configs) and the
+    training evidence that puts its predictions in the metric's units (None for a surrogate saved without)."""
 
-    def __init__(self, surrogate: TransferSurrogate, candidates: list[dict] | None = None):
+    def __init__(self, surrogate: TransferSurrogate, candidates: list[dict] | None = None,
+                 evidence: TrainingEvidence | None = None):
         self.surrogate = surrogate
         self.candidates = candidates or []
+        self.evidence = evidence
 
     @classmethod
     def fit(cls, train: MetaDataset | list[Pool], *, seed: int = 0, **surrogate_kwargs) -> Recommender:
         pools = list(train.pools().values()) if isinstance(train, MetaDataset) else list(train)
         desc = train.performance_desc if isinstance(train, MetaDataset) else ""
         surrogate = TransferSurrogate.fit(pools, seed=seed, performance_desc=desc, **surrogate_kwargs)
-        seen, candidates = set(), []
-        for pool in pools:
-            for config in pool.configs:
-                key = config_key(config)
-                if key not in seen:
-                    seen.add(key)
-                    candidates.append(config)
-        return cls(surrogate, candidates)
+        metric = train.metric if isinstance(train, MetaDataset) else GENERIC_METRIC
+        evidence = TrainingEvidence.from_pools(pools, metric)
+        return cls(surrogate, evidence.configs, evidence)
 
     def rank(self, meta: dict[str, float], candidates: list[dict] | None = None, *, k: int | None = None,
              cost_aware: bool = False, cost_weight: float = 1.0) -> list[Recommendation]:
@@ -132,6 +131,8 @@ class Recommender:
 
         dirpath = self.surrogate.save(dirpath)
         (dirpath / "candidates.json").write_text(json.dumps(self.candidates, sort_keys=True) + "\n")
+        if self.evidence is not None:
+            (dirpath / EVIDENCE_FILE).write_text(json.dumps(self.evidence.to_dict(), sort_keys=True) + "\n")
         return dirpath
 
     @classmethod
@@ -139,7 +140,9 @@ class Recommender:
         dirpath = Path(dirpath)
         surrogate = TransferSurrogate.load(dirpath)
         path = dirpath / "candidates.json"
-        return cls(surrogate, load_candidates(path) if path.exists() else [])
+        candidates = load_candidates(path) if path.exists() else []
+        evidence = load_evidence(dirpath / EVIDENCE_FILE, candidates) if (dirpath / EVIDENCE_FILE).exists() else None
+        return cls(surrogate, candidates, evidence)
 
 
 def load_candidates(path: Path) -> list[dict]:

@@ -1,7 +1,7 @@
 """Log a fitted transfer surrogate to MLflow and register it as a model version.
 
 The folder written by :meth:`metaprep.transfer.recommender.Recommender.save` (``surrogate.json``,
-``perf.safetensors``, optional ``cost.safetensors``, ``candidates.json``) is logged as plain
+``perf.safetensors``, optional ``cost.safetensors``, ``candidates.json``, ``evidence.json``) is logged as plain
 artifacts of a run in the ``metaprep-transfer`` experiment, and ``mlflow.register_model`` registers
 that artifact path under ``name``. Nothing is pickled: loading is ``Recommender.load`` on the
 downloaded folder (:func:`download_surrogate`; :func:`load_recommender` takes either a folder or a
