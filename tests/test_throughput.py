@@ -1,4 +1,4 @@
-"""Throughput suite (issues 10, 16): the ``--quick`` run's schema, and that its baselines compute the same math.
+"""Throughput suite (issues 10, 16, 17): the ``--quick`` run's schema, and that its baselines compute the same math.
 
 Speed targets are reported by the suite, never asserted here (the machine is shared).
 """
@@ -46,7 +46,7 @@ def test_quick_suite_writes_positive_finite_numbers(tmp_path: Path) -> None:
     model = plan["models"][0]["label"]
     for algorithm in plan["algorithms"]:
         for method, precision in (("batched", "fp32"), ("batched", "bf16"), ("sequential", "fp32"),
-                                  ("higher", "fp32")):
+                                  ("higher", "fp32"), ("torch_func", "fp32")):
             c = configs[(model, algorithm, method, precision)]
             assert "error" not in c, c
             for key in ("tasks_per_s", "tokens_per_s", "median_s", "warmup_s"):
@@ -54,6 +54,8 @@ def test_quick_suite_writes_positive_finite_numbers(tmp_path: Path) -> None:
             assert c["step_s"] and all(_positive(t) for t in c["step_s"])
             if method == "batched":
                 assert _positive(c["flops"]) and _positive(c["mfu"]) and _positive(c["achieved_gflops"])
+            if method == "torch_func":  # checked against batched before timing; says how it mapped over tasks
+                assert c["over_tasks"].startswith("vmap" if algorithm == "fomaml" else "loop over tasks")
     fomaml = configs[(model, "fomaml", "batched", "fp32")]
     assert _positive(fomaml["analytic_flops"])
 
@@ -64,7 +66,8 @@ def test_quick_suite_writes_positive_finite_numbers(tmp_path: Path) -> None:
         assert _positive(m["peak_rss_mb"]) and _positive(m["step_peak_rss_mb"])
         assert math.isfinite(m["step_growth_mb"])
 
-    assert {"batched_vs_sequential", "batched_vs_higher"} <= set(report["targets"])
+    assert {"batched_vs_sequential", "batched_vs_higher", "batched_vs_torch_func"} <= set(report["targets"])
+    assert set(report["peers_not_run"]) == {"learn2learn", "torchopt"}
     for name, t in report["targets"].items():
         assert _positive(t["target"]) and (t["value"] is None or _positive(t["value"])), name
         assert t["met"] in (True, False, None)
@@ -74,64 +77,57 @@ def test_quick_suite_writes_positive_finite_numbers(tmp_path: Path) -> None:
         assert math.isfinite(row["mean"]) and row["n"] >= 1
         if row["metric"] in ("tasks_per_s", "tokens_per_s", "mfu", "matmul_peak_gflops", "peak_rss_mb"):
             assert row["mean"] > 0, row
-    assert "| model | algorithm (T) |" in report["table_md"]
+    assert "| model | algorithm (T) |" in report["table_md"] and "| batched ÷ torch_func |" in report["table_md"]
+    assert {r["method"] for r in report["results"] if r["metric"] == "tasks_per_s"} >= {"higher", "torch_func"}
 
 
-@needs_stories
-@pytest.mark.parametrize("algorithm", ["maml", "mltd"])
-def test_sequential_and_higher_compute_the_batched_meta_gradient(algorithm: str) -> None:
-    """The baselines are the same math: equal meta-gradients for the base weights and the fast-weight init.
-
-    ``batched`` and ``sequential`` run on the DeepSpeed engine (ZeRO-1): its gradients are read with
-    ``safe_get_full_grad`` after ``engine.backward`` (each backward replaces them), the engine step is
-    skipped; ``higher`` keeps its gradients on the plain model's parameters.
-    """
-    import torch
-    from deepspeed.utils import safe_get_full_grad
-
+def _tiny_setup(algorithm: str):
+    """stories260K, 2 tasks of 1 support + 1 query example of 16 tokens, 2 inner steps."""
     from metaprep.bench.throughput import ModelPlan, Setup, meta_config
     from metaprep.models.base import load_base_model
 
-    torch.manual_seed(0)
     plan = ModelPlan("stories260K", str(STORIES), shots=1, query_size=1, seq_len=16, steps=1, budget_s=1.0)
-    base = load_base_model(meta_config(plan, "fomaml", 1).model)
-    setup = Setup(plan, algorithm, 2, base).subset(2)
-    setup.engine.step = lambda *args, **kwargs: None  # keep the gradients, take no optimizer step
-    setup.finish = lambda params, opt: None
+    return Setup(plan, algorithm, 2, load_base_model(meta_config(plan, "fomaml", 1).model)).subset(2)
 
-    def engine_grads() -> dict[str, torch.Tensor]:
-        grads = {n: safe_get_full_grad(p) for n, p in setup.learner.named_parameters() if p.requires_grad}
-        return {n: g.clone() for n, g in grads.items() if g is not None}
 
-    torch.manual_seed(1)
-    setup.batched()
-    batched = engine_grads()
-    torch.manual_seed(1)
-    setup.sequential()
-    sequential = engine_grads()
-    torch.manual_seed(1)
-    setup.higher()
-    plain = {n: p.grad.clone() for n, p in setup._plain.named_parameters() if p.grad is not None}
+@needs_stories
+@pytest.mark.parametrize(("algorithm", "over_tasks"), [
+    ("fomaml", "vmap"),  # first order, LoRA
+    ("maml", "vmap"),  # second order (eager attention)
+    ("mltd", "loop over tasks"),  # first order, TARP + TAMS: the cell skips ops no task selected, vmap cannot
+])
+def test_baselines_compute_the_batched_losses_and_meta_gradient(algorithm: str, over_tasks: str) -> None:
+    """sequential, higher and torch_func are the same math as the production step: the suite's own check
+    (Setup.check: per-task losses and the gradient of every trainable parameter within 1e-4 of its scale)
+    passes, on gradients that are not zero. ``batched`` and ``sequential`` run on the DeepSpeed engine
+    (gradients read with ``safe_get_full_grad``, no engine step); the baselines on their own plain copies."""
+    setup = _tiny_setup(algorithm)
+    losses, grads = setup.outputs("batched")
+    assert losses.shape == (2,) and bool((losses > 0).all())
+    init = [g for n, g in grads.items() if n.startswith("model.fast_init.")]
+    base = [g for n, g in grads.items() if n.startswith("model.lm.")]
+    assert max(float(g.abs().max()) for g in init) > 0 and max(float(g.abs().max()) for g in base) > 1e-2
+    if algorithm == "mltd":  # the TAMS up-projection (meta-learned, not adapted; zero at init, so α gets no gradient)
+        assert any(float(g.abs().max()) > 0 for n, g in grads.items() if n.endswith("__mlp__tams--up"))
+    setup.check("sequential")
+    setup.prepare("higher")  # prepare builds a baseline from the learner's weights and checks it
+    setup.prepare("torch_func")
+    assert setup.over_tasks("torch_func").startswith(over_tasks)
 
-    def pick(g: dict, suffix: str) -> torch.Tensor:
-        return next(v for n, v in g.items() if n.endswith(suffix))
 
-    for suffix in ("layers.0.self_attn.q_proj.weight", "layers.4.self_attn.o_proj.weight", "embed_tokens.weight"):
-        ref = pick(batched, suffix)
-        assert ref.abs().max() > 1e-2
-        # atol 1e-5: the tied embedding's gradient sums the per-task head rows (targets only: index_add per
-        # task; higher: every position) in a different order; 1e-5 is 1e-3 of its scale
-        torch.testing.assert_close(pick(sequential, suffix), ref, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(pick(plain, suffix), ref, rtol=1e-4, atol=1e-5)
-    factor = "B" if algorithm == "maml" else "U1"
-    pairs = [(f"model__layers__0__self_attn__q_proj--{factor}", f"lm.model.layers.0.self_attn.q_proj.f_{factor}")]
-    if algorithm == "mltd":  # the TAMS up-projection: meta-learned, not adapted; same sampled architecture
-        pairs.append(("model__layers__0__mlp__tams--up", "lm.model.layers.0.mlp.c_up"))
-    for init_key, plain_key in pairs:
-        ref = batched[f"model.fast_init.{init_key}"]
-        assert ref.abs().max() > 0
-        torch.testing.assert_close(sequential[f"model.fast_init.{init_key}"], ref, rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(plain[plain_key].squeeze(0), ref, rtol=1e-4, atol=1e-6)
+@needs_stories
+def test_a_baseline_with_other_outputs_fails_its_check() -> None:
+    import torch
+
+    from metaprep.bench.throughput.setup import OutputMismatch
+
+    setup = _tiny_setup("fomaml")
+    setup.prepare("torch_func")
+    plain = setup._baselines["torch_func"].plain
+    with torch.no_grad():
+        plain.lm.get_submodule("model.layers.0.self_attn.q_proj").weight.mul_(1.01)
+    with pytest.raises(OutputMismatch, match=r"torch_func vs batched \(fomaml, T=2, fp32\): .*differ"):
+        setup.check("torch_func")
 
 
 def test_the_recipe_gives_the_former_plans(tmp_path: Path) -> None:

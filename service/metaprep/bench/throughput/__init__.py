@@ -15,7 +15,13 @@ LoRA for the others), at meta-batch 8:
   get the meta-gradient of the meta-batch); ``higher``: the ``higher`` library's ``innerloop_ctx``
   with SGD on a plain copy of the base model whose LoRA/TARP factors and TAMS op weights are
   ordinary ``nn.Parameter`` s (each kind's own ``delta``, the library's TAMS cell, same inner
-  steps and learning rate), one task at a time, with torch AdamW and gradient clipping.
+  steps and learning rate), one task at a time, with torch AdamW and gradient clipping; ``torch_func``:
+  the same plain model written with ``torch.func`` by hand (:mod:`.functional`: ``functional_call`` with
+  the fast weights as a dict, the inner gradient by ``grad``, the episode mapped over tasks by ``vmap``, or
+  looped where vmap cannot run an op, which the row's ``over_tasks`` says; outer gradient by autograd,
+  second order where the algorithm is), the same outer update. Each baseline copies the learner's weights
+  and is checked against the production step before it is timed (per-task losses and the gradient of
+  every trainable parameter, :meth:`~.setup.Setup.check`); a mismatch fails its row (``error``).
   A meta-step is forward (inner loop + query loss), backward, gradient clipping and an AdamW
   step; ``tasks_per_s = 8 / step time`` and ``tokens_per_s`` = non-padding support + query
   tokens / step time (the definitions of :func:`metaprep.train.loop.run_worker`).
@@ -44,13 +50,15 @@ and the matmul peak is measured at the same thread count (and, for reference, on
 ``--quick`` (tests): stories260K, fomaml and mltd, one measured step, memory at inner steps 1, no Ray.
 Extra keys: ``machine``, ``peak``, ``configs`` (per configuration: median, FLOPs, MFU, per-step
 times), ``framework``, ``memory``, ``profiles`` (op-time shares of the target configurations),
-``targets`` (value, target, met, explanation) and ``table_md`` (the summary table of the README).
+``targets`` (value, target, met, explanation), ``peers_not_run`` (meta-learning libraries not timed, and
+why) and ``table_md`` (the summary table of the README).
 
 Modules: :mod:`.plan` (what is measured), :mod:`.peak` (machine and matmul peak),
-:mod:`.baselines` (the ``higher`` model), :mod:`.setup` (one configuration and its three
-methods), :mod:`.probes` (fresh-process memory and framework runs), :mod:`.targets` (targets,
-profiles, explanations), :mod:`.tables` (result rows and the summary table), :mod:`.suite` (the
-run); ``python -m metaprep.bench.throughput MODE JSON`` runs one probe (:mod:`.__main__`).
+:mod:`.baselines` (the baselines' plain model), :mod:`.functional` (the ``torch.func`` meta-step),
+:mod:`.setup` (one configuration, its four methods and the check of the baselines), :mod:`.probes`
+(fresh-process memory and framework runs), :mod:`.targets` (targets, profiles, explanations),
+:mod:`.tables` (result rows and the summary table), :mod:`.suite` (the run);
+``python -m metaprep.bench.throughput MODE JSON`` runs one probe (:mod:`.__main__`).
 """
 
 from metaprep.bench.throughput.plan import META_BATCH, ModelPlan, Plan, make_plan, meta_config

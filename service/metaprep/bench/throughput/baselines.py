@@ -1,10 +1,10 @@
-"""The ``higher`` baseline's model: the MetaModel's math as an ordinary module, what a ``higher`` user would write.
+"""The baselines' model: the MetaModel's math as an ordinary module, as a ``higher`` or ``torch.func`` user writes it.
 
 A plain copy of the base whose LoRA/TARP factors and TAMS op weights are ordinary ``nn.Parameter`` s
 with a task dimension of 1. The delta is the library's own (:class:`~metaprep.reparam.layers.ReparamLinear`
 over its kind's ``delta``), the cell is the library's :class:`~metaprep.search.cell.TAMSCell`, and the
 loss, task embedding and architecture are :class:`~metaprep.meta.model.MetaModel` 's own methods, so
-``higher`` sees the same math as the batched step.
+``higher`` and ``torch.func`` (:mod:`.functional`) see the same math as the batched step.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from metaprep.config import SearchConfig
 from metaprep.meta.model import MetaModel, ffn_modules
 from metaprep.reparam.context import FastContext
 from metaprep.reparam.layers import ReparamLinear
+from metaprep.reparam.wrap import param_key
 from metaprep.search.cell import TAMSCell
 
 
@@ -90,6 +91,7 @@ class PlainMetaModel(nn.Module):
                 (lm.get_submodule(parent) if parent else lm).register_module(attr, SliceableModuleList(module))
         self.lm = lm
         self.holder = FastContext()
+        self.encoded_tasks = meta.encoded_tasks  # read by task_embedding
         init = meta.fast_init.single()
         wrapped = {name: m for name, m in meta.lm.named_modules() if isinstance(m, ReparamLinear)}
         for name, like in wrapped.items():
@@ -112,3 +114,23 @@ class PlainMetaModel(nn.Module):
             else:
                 continue
             self.fast += [getattr(m, name) for f, name in m.factors.items() if (layer, f) not in meta_only]
+
+
+def learner_names(plain: PlainMetaModel) -> dict[str, str]:
+    """Each parameter name of ``plain`` -> the name of the :class:`~metaprep.meta.build.MetaLearner` parameter
+    it copies (``model.lm.*``, ``model.fast_init.*``, ``model.controller.*``), to compare gradients."""
+    factors, cells = {}, []
+    for name, m in plain.lm.named_modules():
+        if isinstance(m, PlainReparamLinear):
+            layer = m.name
+        elif isinstance(m, PlainCellFFN):
+            layer = m.cell_name
+            cells.append(f"lm.{name}.")
+        else:
+            continue
+        factors.update({f"lm.{name}.{attr}": f"model.fast_init.{param_key(layer, f)}" for f, attr in m.factors.items()})
+    out = {}
+    for name, _ in plain.named_parameters():
+        cell = next((c for c in cells if name.startswith(c + "ffn.")), None)  # the FFN inside a PlainCellFFN
+        out[name] = factors.get(name) or "model." + (cell + name[len(cell) + 4:] if cell else name)
+    return out

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from metaprep.bench.throughput.peak import linear_gflops, machine_info, matmul_peak
-from metaprep.bench.throughput.plan import ModelPlan, Plan, batch_of, log, make_plan, meta_config
+from metaprep.bench.throughput.plan import PEERS_NOT_RUN, ModelPlan, Plan, batch_of, log, make_plan, meta_config
 from metaprep.bench.throughput.probes import framework_overhead, memory_sweep
 from metaprep.bench.throughput.setup import Setup
 from metaprep.bench.throughput.tables import find, result_rows, summary_table
@@ -85,7 +85,7 @@ def _run(plan: Plan, args: argparse.Namespace) -> dict:
         "results": result_rows(configs, framework, memory, peak),
         "machine": machine, "plan": dataclasses.asdict(plan), "peak": peak, "configs": configs,
         "framework": framework or {"skipped": "--quick" if plan.quick else "no in-process batched step"},
-        "memory": memory, "profiles": {},
+        "memory": memory, "profiles": {}, "peers_not_run": dict(PEERS_NOT_RUN),
     }
     report["targets"] = evaluate_targets(report)
     if plan.profile:
@@ -122,7 +122,7 @@ def _measure_algorithm(plan: Plan, model: ModelPlan, algorithm: str, base: Loade
     main = setup.subset(size) if setup.meta_batch != size else setup
     jobs = [(main, "batched", "fp32")]
     if algorithm in model.baselines:
-        jobs += [(main, "sequential", "fp32"), (main, "higher", "fp32")]
+        jobs += [(main, "sequential", "fp32"), (main, "higher", "fp32"), (main, "torch_func", "fp32")]
     if algorithm in model.bf16:
         pair = main if pair_size == size else setup.subset(pair_size)
         jobs += ([(pair, "batched", "fp32")] if pair is not main else []) + [(pair, "batched", "bf16")]
@@ -135,23 +135,25 @@ def _measure_algorithm(plan: Plan, model: ModelPlan, algorithm: str, base: Loade
             configs.append({"model": model.label, "algorithm": algorithm, "method": method, "precision": precision,
                             "meta_batch": job.meta_batch, "skipped": skipped})
             continue
-        job.prepare(method)
         step = lambda m=method, p=precision, s=job: getattr(s, m)(p)
         warm = first is None or first.get("median_s", 0.0) <= model.long_step_s
         same = find(configs, model.label, algorithm, method, "fp32", job.meta_batch)
         try:
+            job.prepare(method)  # a baseline is checked against the production step here (OutputMismatch)
             timing = measure(step, model.steps if warm else 1, model.budget_s, warmup=warm,
                              count_flops=method == "batched" and same is None and warm)
             if timing["flops"] is None and same is not None and method == "batched":
                 timing["flops"] = same.get("flops")  # same ops in bf16: reuse the fp32 count
-        except Exception as exc:  # noqa: BLE001 - a baseline that cannot run is reported
+        except Exception as exc:  # noqa: BLE001 - a baseline that cannot run (or computes other outputs) is reported
+            log(f"{model.label} {algorithm} {method} {precision} FAILED: {exc.__class__.__name__}: {exc}")
             configs.append({"model": model.label, "algorithm": algorithm, "method": method,
                             "precision": precision, "meta_batch": job.meta_batch,
                             "error": f"{exc.__class__.__name__}: {exc}"})
             continue
         configs.append({"model": model.label, "algorithm": algorithm, "method": method,
                         "precision": precision, "meta_batch": job.meta_batch, "tokens": job.tokens,
-                        "padded_rows": job.rows, "inner_steps": plan.inner_steps, **timing})
+                        "padded_rows": job.rows, "inner_steps": plan.inner_steps, **timing,
+                        **({"over_tasks": job.over_tasks(method)} if method == "torch_func" else {})})
     if algorithm == "fomaml":
         batched = find(configs, model.label, algorithm, "batched", "fp32", size)
         if batched is not None:

@@ -54,25 +54,35 @@ def result_rows(configs: list[dict], framework: dict | None, memory: list[dict],
 def summary_table(report: dict) -> str:
     """The README table: per model and algorithm, methods and precisions; framework; memory; peak."""
     configs = report["configs"]
-    lines = ["| model | algorithm (T) | batched tasks/s | sequential tasks/s | higher tasks/s | batched ÷ seq | "
-             "batched ÷ higher | batched tokens/s | MFU fp32 | MFU bf16 | bf16 tasks/s (T) | bf16 ÷ fp32 at that T |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | algorithm (T) | batched tasks/s | sequential tasks/s | higher tasks/s | torch_func tasks/s | "
+             "batched ÷ seq | batched ÷ higher | batched ÷ torch_func | batched tokens/s | MFU fp32 | MFU bf16 | "
+             "bf16 tasks/s (T) | bf16 ÷ fp32 at that T |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    notes = []
     for plan_model in report["plan"]["models"]:
         model = plan_model["label"]
         for a in report["plan"]["algorithms"]:
             main, pair = batch_of(plan_model, a), batch_of(plan_model, a, bf16=True)
             get = lambda method, p="fp32", t=main: find(configs, model, a, method, p, t) or {}  # noqa: B023
-            b, s, h = get("batched"), get("sequential"), get("higher")
+            b, s, h, f = get("batched"), get("sequential"), get("higher"), get("torch_func")
             b16, f32 = get("batched", "bf16", pair), get("batched", "fp32", pair)
             if not b:
                 continue
+            notes += [f"{c['method']} ({model}, {a}): error: {c['error']}" for c in (s, h, f) if c.get("error")]
+            if f.get("over_tasks"):
+                notes.append(f"torch_func ({model}, {a}): {f['over_tasks']}")
             lines.append("| " + " | ".join([
                 model, f"{a} ({main})", fmt(b.get("tasks_per_s")), fmt(s.get("tasks_per_s")), fmt(h.get("tasks_per_s")),
-                fmt(ratio(b.get("tasks_per_s"), s.get("tasks_per_s")), ".2f"),
-                fmt(ratio(b.get("tasks_per_s"), h.get("tasks_per_s")), ".2f"), fmt(b.get("tokens_per_s"), ".0f"),
+                fmt(f.get("tasks_per_s")), fmt(ratio(b.get("tasks_per_s"), s.get("tasks_per_s")), ".2f"),
+                fmt(ratio(b.get("tasks_per_s"), h.get("tasks_per_s")), ".2f"),
+                fmt(ratio(b.get("tasks_per_s"), f.get("tasks_per_s")), ".2f"), fmt(b.get("tokens_per_s"), ".0f"),
                 fmt(b.get("mfu"), ".1%"), fmt(b16.get("mfu"), ".1%"),
                 f"{fmt(b16.get('tasks_per_s'))} ({pair})" if b16 else "–",
                 fmt(ratio(b16.get("tasks_per_s"), f32.get("tasks_per_s")), ".2f")]) + " |")
+    if notes:
+        lines += [""] + [f"- {n}" for n in notes]
+    if report.get("peers_not_run"):
+        lines += ["", "Not run: " + " ".join(report["peers_not_run"].values())]
     fw = report["framework"]
     if fw.get("launches"):
         lines += ["", f"Framework overhead ({fw['model']}, fomaml, meta-batch {META_BATCH}, the worker loop's own "

@@ -30,12 +30,14 @@ def evaluate_targets(report: dict) -> dict:
         return {"model": model, "target": goal, "value": worst, "met": met, "by_algorithm": values}
 
     algos = report["plan"]["algorithms"]
-    out = {
-        "batched_vs_sequential": target("batched_vs_sequential", small, {
-            a: ratio(tps(small, a, "batched"), tps(small, a, "sequential")) for a in algos}),
-        "batched_vs_higher": target("batched_vs_higher", small, {
-            a: ratio(tps(small, a, "batched"), tps(small, a, "higher")) for a in algos}),
-    }
+    out = {name: target(name, small, {a: ratio(tps(small, a, "batched"), tps(small, a, other)) for a in algos})
+           for name, other in VERSUS.items()}
+    for name, other in VERSUS.items():  # a baseline that failed (e.g. its outputs differ) is named, not dropped
+        errors = {a: c["error"] for a in algos if (c := find(configs, small, a, other, "fp32")) and c.get("error")}
+        if errors:
+            out[name]["errors"] = errors
+            if out[name]["value"] is None:
+                out[name]["not_measured"] = "; ".join(f"{other} {a}: {e}" for a, e in errors.items())
     if large:
         plan = report["plan"]["models"][-1]
         pairs = {a: batch_of(plan, a, bf16=True) for a in algos}
@@ -59,6 +61,9 @@ def evaluate_targets(report: dict) -> dict:
                                                {"fomaml": ray1.get("overhead_vs_plain_torch")},
                                                higher_is_better=False)
     return out
+
+
+VERSUS = {"batched_vs_sequential": "sequential", "batched_vs_higher": "higher", "batched_vs_torch_func": "torch_func"}
 
 
 def _worst(target: dict, higher_is_better: bool = True) -> str:
@@ -85,8 +90,8 @@ def profile_for_targets(plan: Plan, targets: dict) -> dict:
         elif name in ("mfu_fp32", "mfu_bf16"):
             precision = name.split("_")[1]
             wanted.append((large, "fomaml", "batched", precision, batch_of(large, "fomaml", precision == "bf16")))
-        elif name in ("batched_vs_sequential", "batched_vs_higher"):
-            other = "sequential" if name == "batched_vs_sequential" else "higher"
+        elif name in VERSUS:
+            other = VERSUS[name]
             wanted += [(small, _worst(t), "batched", "fp32", META_BATCH), (small, _worst(t), other, "fp32", META_BATCH)]
     out: dict[str, dict] = {}
     for model in {w[0].label: w[0] for w in wanted}.values():
@@ -157,9 +162,9 @@ def explain(name: str, report: dict) -> str:
                 f"over the 49k vocabulary, AdamW and dispatch. MFU <= matmul share x matmul efficiency = "
                 f"{fmt(bound, '.0%')}. Top ops: "
                 + ", ".join(f"{o['op']} {o['self_s']:.2f}s" for o in prof.get("top_ops", [])[:5]) + ".")
-    if name in ("batched_vs_sequential", "batched_vs_higher"):
+    if name in VERSUS:
         small, algorithm = labels[0], _worst(report["targets"][name])
-        other = "sequential" if name == "batched_vs_sequential" else "higher"
+        other = VERSUS[name]
         pb = profiles.get(profile_key(small, algorithm, "batched", "fp32"), {})
         po = profiles.get(profile_key(small, algorithm, other, "fp32"), {})
         return (f"Profile ({small}, {algorithm}): batched op time {fmt(pb.get('ops_s'))} s, {other} "
