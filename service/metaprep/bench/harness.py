@@ -40,9 +40,8 @@ from metaprep.errors import ConfigError, DataError
 from metaprep.meta.adapt import adapt
 from metaprep.meta.algorithm import ALGORITHMS
 from metaprep.meta.build import build_meta_model
-from metaprep.search.task_encoder import task_encoder
 from metaprep.tasks.base import Episode, TaskBatch, TaskSplit, fixed_episodes, make_batch
-from metaprep.tasks.families import batch_encoder, resolve_data_dir
+from metaprep.tasks.families import batch_encoder_for, resolve_data_dir
 from metaprep.train.local import meta_train_local
 from metaprep.train.loop import load_split
 
@@ -149,8 +148,7 @@ def prepare(method: str, seed: int, proto: Protocol, fold: Fold, model_path: str
 
 def method_batches(method: str, proto: Protocol, fold: Fold, model_path: str) -> Callable[..., TaskBatch]:
     """How a method's episodes are encoded: its family's encoder, with the TAMS task encoder if configured."""
-    cfg = make_config(method, 0, proto, fold, model_path)
-    return batch_encoder(cfg.tasks.family, task_encoder(cfg))
+    return batch_encoder_for(make_config(method, 0, proto, fold, model_path))
 
 
 def evaluate(model, tokenizer, episodes: list[Episode], proto: Protocol, lr: float,

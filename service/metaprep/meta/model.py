@@ -78,7 +78,7 @@ class MetaModel(nn.Module):
             return batch.embedding
         if self.encoded_tasks:
             raise ValueError("search.task_embedding: sentence_encoder needs support batches encoded with the task "
-                             "encoder (metaprep.tasks.families.batch_encoder(family, task_encoder(cfg)))")
+                             "encoder (metaprep.tasks.families.batch_encoder_for(cfg))")
         emb = self.lm.get_input_embeddings()(batch.input_ids)  # (T, n, L, C)
         mask = batch.attention_mask.unsqueeze(-1).to(emb.dtype)
         return ((emb * mask).sum((1, 2)) / mask.sum((1, 2)).clamp_min(1)).detach()

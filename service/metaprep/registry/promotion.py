@@ -35,14 +35,13 @@ def score_prepared(base_dir: Path, ctrl_dir: Path, cfg: MetaTrainConfig, split) 
     import torch
 
     from metaprep.registry.artifacts import load_prepared
-    from metaprep.search.task_encoder import task_encoder
     from metaprep.tasks.base import fixed_episodes
-    from metaprep.tasks.families import batch_encoder
+    from metaprep.tasks.families import batch_encoder_for
     from metaprep.train.loop import evaluate
 
     model, loaded, own = load_prepared(base_dir, ctrl_dir)
     eps = fixed_episodes(split.val[: cfg.meta.eval_tasks], cfg.tasks.shots, cfg.tasks.query_size, cfg.seed)
-    encode = batch_encoder(cfg.tasks.family, task_encoder(own))
+    encode = batch_encoder_for(own)
     support = encode(eps, "support", loaded.tokenizer, cfg.tasks.seq_len)
     query = encode(eps, "query", loaded.tokenizer, cfg.tasks.seq_len)
     torch.manual_seed(cfg.seed)

@@ -58,6 +58,14 @@ def batch_encoder(family: str, task_encoder: Callable[[list], torch.Tensor] | No
     return encode_with_z
 
 
+def batch_encoder_for(cfg) -> Callable[..., TaskBatch]:
+    """:func:`batch_encoder` of a :class:`~metaprep.config.MetaTrainConfig`: its family's, with the TAMS task
+    encoder when the config asks for one (:func:`metaprep.search.task_encoder.task_encoder`)."""
+    from metaprep.search.task_encoder import task_encoder
+
+    return batch_encoder(cfg.tasks.family, task_encoder(cfg))
+
+
 def resolve_data_dir(cfg: TasksConfig) -> Path | None:
     """``tasks.data_dir``, else ``$METAPREP_DATA_DIR``, else ``../shared/data`` if it exists."""
     if cfg.data_dir:

@@ -96,7 +96,7 @@ def adapt_registered(base: str, controller: str | None = None, *, tasks: str | N
     exports = _check_exports({"merged": export_merged, "peft": export_peft}, overwrite)
     tracking = _check_register(register, log_mlflow)
     t0 = time.perf_counter()
-    from metaprep.tasks.families import batch_encoder
+    from metaprep.tasks.families import batch_encoder_for
     from metaprep.tasks.jsonl import load_jsonl_tasks
 
     if tasks is not None:
@@ -108,9 +108,7 @@ def adapt_registered(base: str, controller: str | None = None, *, tasks: str | N
     _check_family(picked, cfg.tasks.family, tasks or "--meta-test")
     lr = lr if lr is not None else cfg.meta.inner_lr
     episode = draw_episode(picked, shots, query_size, seed)
-    from metaprep.search.task_encoder import task_encoder
-
-    encode = batch_encoder(cfg.tasks.family, task_encoder(cfg))
+    encode = batch_encoder_for(cfg)
     support = encode([episode], "support", loaded.tokenizer, cfg.tasks.seq_len)
     query = encode([episode], "query", loaded.tokenizer, cfg.tasks.seq_len)
 

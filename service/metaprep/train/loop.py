@@ -30,9 +30,8 @@ from metaprep.meta.model import MetaModel
 from metaprep.registry.artifacts import export_prepared
 from metaprep.registry.tracking import MetricLogger
 from metaprep.runtime import configure_process
-from metaprep.search.task_encoder import task_encoder
 from metaprep.tasks.base import TaskSplit, fixed_episodes, split_tasks
-from metaprep.tasks.families import batch_encoder, load_tasks
+from metaprep.tasks.families import batch_encoder_for, load_tasks
 from metaprep.train.select import BestWeights
 from metaprep.train.step import MetaBatches, autocast, autocast_dtype, make_engine, meta_step
 from metaprep.train.zero3 import zero3_gathered
@@ -160,7 +159,7 @@ def run_worker(cfg: MetaTrainConfig, env: WorkerEnv, tracking: dict | None, expo
     split = split or load_split(cfg)
     model, loaded = build_meta_model(cfg)
     learner = build_learner(cfg, model, num_train_tasks=len(split.train))
-    encode, tok, seq_len = batch_encoder(cfg.tasks.family, task_encoder(cfg)), loaded.tokenizer, cfg.tasks.seq_len
+    encode, tok, seq_len = batch_encoder_for(cfg), loaded.tokenizer, cfg.tasks.seq_len
     val_eps = fixed_episodes(split.val[: cfg.meta.eval_tasks], cfg.tasks.shots, cfg.tasks.query_size, cfg.seed)
     val_s, val_q = encode(val_eps, "support", tok, seq_len), encode(val_eps, "query", tok, seq_len)
     batches = MetaBatches(cfg, split.train, encode, tok, env.rank, env.world)

@@ -37,8 +37,7 @@ from metaprep.config import MetaTrainConfig
 from metaprep.meta.build import build_learner, build_meta_model, needs_eager_attention
 from metaprep.meta.model import lm_task_losses
 from metaprep.models.base import LoadedModel
-from metaprep.search.task_encoder import task_encoder
-from metaprep.tasks.families import batch_encoder
+from metaprep.tasks.families import batch_encoder_for
 from metaprep.train.local import ensure_process_group
 from metaprep.train.loop import load_split
 from metaprep.train.step import MetaBatches, autocast, make_engine, meta_step
@@ -87,7 +86,7 @@ class Setup:
         split = load_split(self.cfg)
         self.learner = build_learner(self.cfg, self.model, num_train_tasks=len(split.train))
         self.engine = make_engine(self.cfg, self.learner)
-        batches = MetaBatches(self.cfg, split.train, batch_encoder(self.cfg.tasks.family, task_encoder(self.cfg)),
+        batches = MetaBatches(self.cfg, split.train, batch_encoder_for(self.cfg),
                                base.tokenizer)
         self.support, self.query = batches(0)  # meta-batch 0 of the run, as the worker loop draws it
         self.second_order = self.cfg.second_order
