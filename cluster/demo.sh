@@ -11,6 +11,8 @@ DASHBOARD="http://127.0.0.1:${RAY_DASHBOARD_PORT:-8265}"
 RECIPE="${DEMO_RECIPE:-jobs/configs/demo.yaml}"
 SUMMARY="$STATE/demo_summary.json"
 export MLFLOW_TRACKING_URI="$MLFLOW_URI"
+# shellcheck disable=SC1091  # the stack's client environment (Ray token authentication), written by `make up`
+source "$STATE/stack.env"
 
 echo "== metaprep demo: ray job submit of jobs.meta_train ($RECIPE)"
 start=$(date +%s)

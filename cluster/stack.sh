@@ -16,12 +16,30 @@ HOST=127.0.0.1
 MLFLOW_URI="http://$HOST:$MLFLOW_PORT"
 export PATH="$VENV/bin:$PATH"
 export MLFLOW_DISABLE_TELEMETRY=true
+# Ray token authentication (Ray >= 2.52 turns it on by itself for new clusters and for `ray start` when
+# ~/.ray/auth_token exists): the stack always runs with its own token in the state folder, readable by
+# this user only, so every client (ray job submit, drivers, workers) must present it. The clients'
+# environment is in $STATE/stack.env (and the export line `up` prints).
+export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
+export RAY_AUTH_TOKEN_PATH="${RAY_AUTH_TOKEN_PATH:-$STATE/ray_auth_token}"
 
 mkdir -p "$STATE"
 
 port_in_use() { (exec 3<>"/dev/tcp/$HOST/$1") 2>/dev/null; }
 mlflow_healthy() { curl -fsS -m 3 "$MLFLOW_URI/health" >/dev/null 2>&1; }
-ray_healthy() { curl -fsS -m 3 "http://$HOST:$DASHBOARD_PORT/api/version" >/dev/null 2>&1; }
+ray_healthy() {
+  curl -fsS -m 3 -H "Authorization: Bearer $(cat "$RAY_AUTH_TOKEN_PATH" 2>/dev/null)" \
+    "http://$HOST:$DASHBOARD_PORT/api/version" >/dev/null 2>&1
+}
+
+ensure_token() {  # 256 random bits, as `ray get-auth-token --generate` makes them, but in the state folder
+  if [ "$RAY_AUTH_MODE" = token ] && [ ! -s "$RAY_AUTH_TOKEN_PATH" ]; then
+    (umask 077; python -c 'import secrets; print(secrets.token_hex(32), end="")' > "$RAY_AUTH_TOKEN_PATH")
+  fi
+}
+
+CLIENT_ENV="MLFLOW_TRACKING_URI=$MLFLOW_URI RAY_ADDRESS=http://$HOST:$DASHBOARD_PORT RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 \
+RAY_AUTH_MODE=$RAY_AUTH_MODE RAY_AUTH_TOKEN_PATH=$RAY_AUTH_TOKEN_PATH"
 
 wait_for() {  # wait_for WHAT CHECK TIMEOUT_S LOG
   local what="$1" check="$2" timeout="$3" log="$4" t=0
@@ -36,6 +54,7 @@ wait_for() {  # wait_for WHAT CHECK TIMEOUT_S LOG
 }
 
 up_ray() {
+  ensure_token
   if ray_healthy; then echo "ray: already running (dashboard http://$HOST:$DASHBOARD_PORT)"; return; fi
   for p in "$RAY_PORT" "$DASHBOARD_PORT"; do
     if port_in_use "$p"; then
@@ -94,7 +113,8 @@ status() {
 
 case "${1:-}" in
   up) up_mlflow; up_ray
-      echo "export MLFLOW_TRACKING_URI=$MLFLOW_URI RAY_ADDRESS=http://$HOST:$DASHBOARD_PORT RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0" ;;
+      echo "export $CLIENT_ENV" > "$STATE/stack.env"
+      echo "clients: source $STATE/stack.env   (or: export $CLIENT_ENV)" ;;
   down) down ;;
   status) status ;;
   *) echo "usage: $0 up|down|status" >&2; exit 2 ;;

@@ -14,11 +14,10 @@ from pathlib import Path
 _SERVICE = Path(__file__).resolve().parents[1] / "service"
 if _SERVICE.is_dir() and str(_SERVICE) not in sys.path:
     sys.path.insert(0, str(_SERVICE))
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# MLflow's telemetry thread edits os.environ while requests read it (KeyError races); nothing to send offline
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-# MLflow prints "View run ... at: URL" lines for every run it ends; the jobs print their own progress
-os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+from metaprep.runtime import quiet_third_party  # noqa: E402
+
+# before any job imports transformers, MLflow or tqdm: the jobs print their own progress, line by line
+quiet_third_party()
 
 from metaprep.errors import MetaprepError  # noqa: E402
 

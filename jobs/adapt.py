@@ -5,7 +5,8 @@ family and fixed split, e.g. a ConvAI2 persona the model never saw).
 Loads ``NAME-base`` and ``NAME-controller`` by URI (``models:/NAME-base@champion``, a version, or a
 local exported folder; the controller defaults to the one prepared with the base), takes K support
 examples of the task (JSONL: ``{"task", "text"}`` or ``{"task", "prompt", "target"}``), adapts for N
-steps and reports query metrics before and after. Every run is logged to the MLflow experiment
+steps and reports query metrics before and after (a line per step with its query loss, then the summary
+JSON). Every run is logged to the MLflow experiment
 ``metaprep-adapt`` (config, task meta-features, learning curve, cost, adapted fast weights) — the
 meta-dataset the configuration recommender learns from. The adapted model can be exported for
 transformers (``--export-merged``) or transformers + peft (``--export-peft``), and registered as an MLflow

@@ -3,7 +3,8 @@
 Suites (DESIGN.md §4): persona, multidomain, convai2_mc, summarization, meta_lora_linear,
 config_transfer, throughput. Writes FILE.json (``suite``, ``runtime_s``, ``results`` rows of
 method/metric/mean/ci95/n/setting) and FILE.md (the markdown table), and logs both to MLflow
-when a tracking URI is set.
+when a tracking URI is set. Progress, line by line on stdout: the plan (e.g. folds x seeds x methods =
+N units), then each unit as it starts and ends, with its time and the ETA (:mod:`metaprep.progress`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from metaprep.bench import SUITES
 from metaprep.bench.report import markdown_table
 from metaprep.errors import ConfigError
 from metaprep.jsonio import check_writable
+from metaprep.progress import say
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         reachable_tracking_uri(None)
     module, func = SUITES[args.suite].split(":")
     run = getattr(importlib.import_module(module), func)
+    say(args.suite, f"benchmark{' --quick' if args.quick else ''}: results to {args.out}")
     start = time.perf_counter()
     report = run(args)
     report = {"suite": args.suite, "runtime_s": round(time.perf_counter() - start, 2), **report}

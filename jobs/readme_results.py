@@ -1,9 +1,11 @@
-"""Regenerate the README's results section from benchmark outputs: ``python -m jobs.readme_results``.
+"""Regenerate RESULTS.md, the README's summary of it, and CONFIG.md: ``python -m jobs.readme_results``.
 
-Each ``results/*.json`` written by ``jobs.benchmark`` contributes its markdown table (the ``.md``
-next to it), its runtime and the command recorded in ``results/COMMANDS.md``; nothing is typed by hand.
+Each ``results/*.json`` written by ``jobs.benchmark`` contributes to ``RESULTS.md`` its markdown table
+(the ``.md`` next to it), its runtime and the command recorded in ``results/COMMANDS.md``, and one row
+(headline metric per method, targets met) to the README's summary table; nothing is typed by hand.
 Lines ``- compare: `A.json:METHOD B.json:METHOD``` in that file add a table of paired comparisons
-across runs, computed here by :func:`jobs.compare.compare`.
+across runs, computed here by :func:`jobs.compare.compare`. ``results/READING.md`` (written by people:
+what the numbers mean) opens ``RESULTS.md``. ``CONFIG.md`` lists every recipe key from the config dataclasses.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ from jobs._cli import job_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+RESULTS, READING, CONFIG = ROOT / "RESULTS.md", ROOT / "results" / "READING.md", ROOT / "CONFIG.md"
+HEADLINE_METRIC = {"throughput": "tasks_per_s"}  # suites whose first metric is a machine probe
+SUMMARY_METHODS = 6  # methods shown per row of the README's summary (RESULTS.md has them all)
 
 
 def commands() -> dict[str, str]:
@@ -125,24 +130,92 @@ def _num(v: object) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def section() -> str:
-    parts, cmds = [], commands()
+def reports() -> list[tuple[Path, dict]]:
+    """Every benchmark output in ``results/`` (files without ``suite`` and ``results`` are not reports)."""
+    found = []
     for path in sorted((ROOT / "results").glob("*.json")):
         report = json.loads(path.read_text())
-        if "suite" not in report or "results" not in report:
-            continue
+        if "suite" in report and "results" in report:
+            found.append((path, report))
+    return found
+
+
+def section() -> str:
+    """RESULTS.md's per-file sections: command, the suite's table, targets, paired and cost tables."""
+    parts, cmds = [], commands()
+    for path, report in reports():
         summary_md = path.with_name(f"{path.stem}_summary.md")  # suites with a condensed table (throughput)
         md = summary_md if summary_md.exists() else path.with_suffix(".md")
         table = md.read_text() if md.exists() else ""
-        if table.startswith("### "):  # the suite's own heading; the README has its own
+        if table.startswith("### "):  # the suite's own heading; RESULTS.md has its own
             table = table.split("\n", 1)[-1]
         cmd = cmds.get(path.name, f"python -m jobs.benchmark --suite {report['suite']} --out results/{path.name}")
-        parts.append(f"#### `{path.stem}` (suite `{report['suite']}`, {report['runtime_s']} s)\n\n"
+        parts.append(f"### {path.stem}\n\nSuite `{report['suite']}`, {report['runtime_s']} s.\n\n"
                      f"```\n{cmd}\n```\n\n{table.strip()}\n{targets(report)}{paired(report)}{meta_val_and_cost(report)}")
     if not parts:
         return "_No benchmark outputs yet._\n"
     extra = comparisons()
     return "\n".join(parts) + (f"\n{extra}" if extra else "")
+
+
+def headline(report: dict) -> tuple[str, str]:
+    """(metric, "method value · ...") of a report: its first metric (``tasks_per_s`` for throughput), one
+    value per method; where a method has several settings (throughput), the range over them."""
+    rows = [r for r in report["results"] if isinstance(r, dict) and {"method", "metric", "mean"} <= r.keys()]
+    if not rows:
+        return "-", "-"
+    metric = HEADLINE_METRIC.get(report["suite"], rows[0]["metric"])
+    values: dict[str, list[float]] = {}
+    for r in rows:
+        if r["metric"] == metric:
+            values.setdefault(r["method"], []).append(r["mean"])
+    shown = [f"{m} {_num(v[0])}" if len(v) == 1 else f"{m} {_num(min(v))}..{_num(max(v))}"
+             for m, v in list(values.items())[:SUMMARY_METHODS]]
+    more = len(values) - len(shown)
+    return metric, " · ".join(shown) + (f" (+{more} more)" if more > 0 else "")
+
+
+def summary() -> str:
+    """The README's results table: one row per result file, linking to its section in RESULTS.md."""
+    lines = ["| result | suite | metric | per method (mean) | targets met |", "|---|---|---|---|---|"]
+    for path, report in reports():
+        metric, values = headline(report)
+        found = [t for t in (report.get("targets") or {}).values() if isinstance(t, dict) and "met" in t]
+        met = f"{sum(bool(t['met']) for t in found)} / {len(found)}" if found else "-"
+        lines.append(f"| [{path.stem}](RESULTS.md#{path.stem}) | {report['suite']} | {metric} | {values} | {met} |")
+    return "\n".join(lines) + "\n"
+
+
+def results_md() -> str:
+    """The whole of RESULTS.md."""
+    reading = READING.read_text().strip() + "\n\n" if READING.exists() else ""
+    return ("# Results\n\n_Generated by `python -m jobs.readme_results` from `results/*.json`, `results/COMMANDS.md` "
+            "and `results/READING.md`; do not edit by hand._\n\n" + reading + "## Result files\n\n" + section())
+
+
+def config_md() -> str:
+    """The whole of CONFIG.md: every recipe key (``metaprep.config.config_keys``) in a table per section."""
+    from metaprep.config import config_keys
+
+    def cell(text: object) -> str:
+        return str(text).replace("|", "\\|").replace("\n", " ")
+
+    out = ["# Config reference\n\n_Generated by `python -m jobs.readme_results` from the recipe dataclasses in "
+           "`service/metaprep/config.py`; do not edit by hand. The same list: `python -m jobs.meta_train "
+           "--help-config`._\n\nSet a key in a YAML recipe (`jobs/configs/*.yaml`, nested by section) or on the "
+           "command line with `--set KEY=VALUE` (dotted). Every value is type-checked and range-checked on load "
+           "(`service/metaprep/config_bounds.py`: lower bounds, size caps and a memory estimate against this "
+           "machine); an error names the file:line or the `--set` flag, the key and what is valid. The `sweep:` "
+           "section of a sweep recipe is described in `service/metaprep/tune/space.py`.\n"]
+    header = "| key | type | default | valid values | meaning |\n|---|---|---|---|---|"
+    rows: list[str] = [f"## (top level)\n\n{header}"]
+    for k in config_keys():
+        if k.section:
+            rows.append(f"\n## `{k.key}`\n\n{cell(k.help)}\n\n{header}")
+            continue
+        valid = ", ".join(f"`{c}`" for c in k.choices)
+        rows.append(f"| `{k.key}` | {cell(k.type)} | `{k.default!r}` | {valid} | {cell(k.help)} |")
+    return "\n".join(out + rows) + "\n"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,7 +230,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"README.md has no {BEGIN} marker")
     head, rest = text.split(BEGIN, 1)
     tail = rest.split(END, 1)[1]
-    readme.write_text(f"{head}{BEGIN}\n{section()}{END}{tail}")
+    readme.write_text(f"{head}{BEGIN}\n{summary()}{END}{tail}")
+    RESULTS.write_text(results_md())
+    CONFIG.write_text(config_md())
 
 
 if __name__ == "__main__":

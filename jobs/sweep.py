@@ -5,8 +5,12 @@ one, e.g. ``jobs/configs/tiny.yaml``, sweeps log-uniform ``meta.inner_lr`` and `
 ``meta.inner_steps``). Each trial is one Ray Train run; ASHA stops poor trials on the meta-validation
 loss; MLflow gets a parent run with a child run per trial; the best trial is registered with alias
 ``candidate`` and becomes ``champion`` only if it beats the current one on the same meta-val tasks.
-Writes a summary JSON (``--summary-out``: n_trials, n_failed, best_config, best_metric,
-registered_version, ...). Submit to a cluster with::
+Prints, one plain line each: whether ASHA is on (its rungs) or off and why; progress at every trial's end
+and at least every 30 s (trials done by outcome, running, pending, best meta-val loss so far); each
+trial's outcome; the plot's path (local and MLflow artifact); the verdict on ``champion`` and why
+(``python -m jobs.promote --name NAME`` shows the rule and every version's scores). Writes a summary
+JSON (``--summary-out``: n_trials, n_failed, best_config, best_metric, registered_version,
+champion_comparison, plot, asha_off_reason, ...). Submit to a cluster with::
 
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
         python -m jobs.sweep --config jobs/configs/sweep_tiny.yaml

@@ -283,9 +283,13 @@ def test_compare_pairs_two_runs_and_refuses_different_protocols(tmp_path):
 
 
 def test_readme_results_section_is_what_the_result_files_render():
-    """The README's results are regenerated from results/*.json, never edited by hand: they must agree."""
-    from jobs.readme_results import BEGIN, END, section
+    """README's results summary and RESULTS.md are regenerated from results/*.json, never edited by hand:
+    they must agree with what the result files render."""
+    from jobs.readme_results import BEGIN, END, RESULTS, results_md, summary
 
     readme = (ROOT / "README.md").read_text()
-    assert readme.split(BEGIN, 1)[1].split(END, 1)[0] == f"\n{section()}", \
-        "README results are stale: run PYTHONPATH=service python -m jobs.readme_results"
+    stale = "results are stale: run PYTHONPATH=service python -m jobs.readme_results"
+    assert readme.split(BEGIN, 1)[1].split(END, 1)[0] == f"\n{summary()}", f"README {stale}"
+    assert RESULTS.read_text() == results_md(), f"RESULTS.md {stale}"
+    for stem in (p.stem for p in (ROOT / "results").glob("*.json")):
+        assert f"[{stem}](RESULTS.md#{stem})" in readme and f"\n### {stem}\n" in RESULTS.read_text()

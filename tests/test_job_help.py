@@ -42,3 +42,14 @@ def test_help_config_lists_every_config_key_with_type_and_default() -> None:
     for key, value in flatten(to_dict(MetaTrainConfig())).items():
         assert f"  {key} (" in proc.stdout and f"default {value!r})" in proc.stdout, key
     assert "one of: finetune, fomaml" in proc.stdout  # valid values come from the registries
+
+
+def test_config_md_lists_every_key_and_is_current() -> None:
+    """CONFIG.md is generated from the config dataclasses (python -m jobs.readme_results): every key is in it."""
+    from jobs.readme_results import CONFIG, config_md
+    from metaprep.config import MetaTrainConfig, flatten, to_dict
+
+    text = CONFIG.read_text()
+    assert text == config_md(), "CONFIG.md is stale: run PYTHONPATH=service python -m jobs.readme_results"
+    missing = [k for k in flatten(to_dict(MetaTrainConfig())) if f"| `{k}` |" not in text]
+    assert not missing, missing

@@ -313,8 +313,8 @@ def test_a_reference_base_to_pickled_weights_is_refused(copy, tmp_path) -> None:
     config.save_pretrained(source)
     torch.save(GPT2LMHeadModel(config).state_dict(), source / "pytorch_model.bin")
     base = copy / "base"
-    for f in base.iterdir():
-        f.unlink()
+    shutil.rmtree(base)  # files and the transformers flavor's components/ folder
+    base.mkdir()
     (base / "metaprep_base.json").write_text(json.dumps({"format": "reference", "kind": "hf", "source": str(source),
                                                          "tokenizer": {"kind": "from_source"}}))
     write_manifest(base)

@@ -106,6 +106,49 @@ def test_child_run_agrees_with_the_driver(tmp_path, verdict, own_tags, own_statu
     assert run.data.tags.get("sweep.error") == error
 
 
+def test_progress_lines_at_each_trial_end_and_at_most_every_30s():
+    """Issue 19: sweeps showed no progress; one plain line per trial end, a heartbeat otherwise."""
+    from types import SimpleNamespace
+
+    from metaprep.tune.progress import SweepProgress
+
+    now, lines = [0.0], []
+    progress = SweepProgress(4, lines.append, heartbeat_s=30, clock=lambda: now[0])
+    a, b, c, d = (SimpleNamespace(trial_id=i, last_result={}) for i in "abcd")
+    for t in (a, b):
+        progress.on_trial_start(0, [], t)
+    progress.on_trial_result(0, [], a, {"meta_step": 2, "meta_val_loss": 3.1})
+    progress.on_trial_result(0, [], b, {"meta_step": 2, "meta_val_loss": 2.7})
+    now[0] = 29.0
+    progress.on_step_end(0, [])
+    assert lines == []  # quiet between events for less than the heartbeat
+    b.last_result = {"meta_step": 4, "meta_val_loss": 2.5, "status": "completed"}
+    progress.on_trial_result(0, [], b, b.last_result)
+    progress.on_trial_complete(0, [], b)
+    a.last_result = {"meta_step": 2, "meta_val_loss": 3.1}  # ASHA stopped it after its first rung
+    progress.on_trial_complete(0, [], a)
+    progress.on_trial_start(0, [], c)
+    now[0] = 50.0
+    progress.on_step_end(0, [])
+    assert len(lines) == 2  # the heartbeat counts from the last line
+    now[0] = 60.0
+    progress.on_step_end(0, [])
+    progress.on_trial_error(0, [], c)
+    d.last_result = {"meta_step": 1, "meta_val_loss": float("inf"), "status": "diverged"}
+    progress.on_trial_start(0, [], d)
+    progress.on_trial_result(0, [], d, d.last_result)
+    progress.on_trial_complete(0, [], d)
+    assert lines[0] == ("metaprep: trials 1/4 done (1 completed, 0 stopped early, 0 diverged, 0 failed), 1 running, "
+                        "2 pending; best meta_val_loss 2.5 (trial b, meta-step 4)")
+    assert lines[1].startswith("metaprep: trials 2/4 done (1 completed, 1 stopped early, 0 diverged, 0 failed), "
+                               "0 running, 2 pending")
+    assert lines[2].startswith("metaprep: trials 2/4 done (1 completed, 1 stopped early, 0 diverged, 0 failed), "
+                               "1 running, 1 pending")
+    assert lines[-1] == ("metaprep: trials 4/4 done (1 completed, 1 stopped early, 1 diverged, 1 failed), "
+                         "0 running, 0 pending; best meta_val_loss 2.5 (trial b, meta-step 4)")
+    assert len(lines) == 5 and all("\n" not in line for line in lines)
+
+
 def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys):
     from jobs._cli import run_main
     from jobs.sweep import main
@@ -123,6 +166,10 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------- integration (local stack)
+
+def _refuse(const: str):
+    raise ValueError(f"{const} in a JSON tag")
+
 
 @pytest.fixture
 def live_ray(ray_cluster):
@@ -180,6 +227,10 @@ def test_sweep_on_local_stack(tmp_path, live_ray):
     wall = time.monotonic() - t0
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "will be ignored" not in proc.stdout + proc.stderr  # max_concurrent_trials took effect
+    # issue 19: progress, ASHA, plot and verdict each on a line of their own
+    assert all(any(line.startswith(want) for line in proc.stdout.splitlines()) for want in (
+        "metaprep: trials 4/4 done (", "metaprep: ASHA on: at meta-step 2 ", "metaprep: sweep plot ",
+        "metaprep: registered ")) and "first version: v" in proc.stdout, proc.stdout[-3000:]
     summary = json.loads(summary_path.read_text())
 
     # summary JSON
@@ -224,7 +275,7 @@ def test_sweep_on_local_stack(tmp_path, live_ray):
         mv = client.get_model_version_by_alias(f"{name}-{kind}", "candidate")
         assert mv.run_id == summary["best_run_id"]
         assert mv.version == summary[f"{'registered' if kind == 'base' else 'controller'}_version"]
-        record = json.loads(mv.tags["champion_comparison"])
+        record = json.loads(mv.tags["champion_comparison"], parse_constant=_refuse)  # strict JSON: no NaN
         assert record["candidate"] == pytest.approx(summary["best_metric"], rel=1e-4)
         assert "champion" in record and record["promoted"] is True  # a fresh name has no champion yet
         assert client.get_model_version_by_alias(f"{name}-{kind}", "champion").version == mv.version
@@ -283,7 +334,7 @@ def test_champion_moves_only_when_beaten_on_the_same_tasks(tmp_path, live_ray):
     assert second["metric"] == val_set_key(cfg, split)
     assert second["candidate"] < second["champion"] and second["promoted"]
     tags = client.get_model_version(f"{name}-base", strong_uris["base_version"]).tags
-    record = json.loads(tags["champion_comparison"])
+    record = json.loads(tags["champion_comparison"], parse_constant=_refuse)
     assert record["candidate"] == pytest.approx(second["candidate"]) and record["promoted"]
     assert record["champion"] == pytest.approx(second["champion"], rel=1e-4)
     # the weak model again, as a new candidate: loses, champion stays

@@ -169,9 +169,23 @@ def test_base_recipe_errors_still_come_from_the_recipe(tmp_path):
 
 
 def test_asha_off_when_nothing_is_evaluated_before_the_end(tmp_path):
+    """Issue 19: ASHA turned itself off for short runs without saying so; the sweep now prints when and why."""
+    from metaprep.tune.sweep import asha_scheduler
+
     recipe = {**QUICK, "meta": {**QUICK["meta"], "eval_every": 4}}
-    _, _, spec = _load(tmp_path, recipe, num_samples=2)
+    cfg, _, spec = _load(tmp_path, recipe, num_samples=2)
     assert not spec.asha.enabled
+    scheduler, line = asha_scheduler(cfg, spec)
+    assert scheduler is None and "\n" not in line
+    assert line.startswith("metaprep: ASHA off: meta.eval_every (4) >= meta.meta_steps (4)")
+    assert "set meta.eval_every below meta.meta_steps" in line
+
+    cfg, _, spec = _load(tmp_path, _with_sweep({"asha": {"enabled": False}}))
+    assert asha_scheduler(cfg, spec)[1].startswith("metaprep: ASHA off: sweep.asha.enabled is false in the recipe")
+
+    cfg, _, spec = _load(tmp_path, _with_sweep({"asha": {"grace_period": 2, "reduction_factor": 2}}))
+    scheduler, line = asha_scheduler(cfg, spec)
+    assert scheduler is not None and line.startswith("metaprep: ASHA on: at meta-step 2 ")
 
 
 # --------------------------------------------------------------------------- transfer recommender portfolio (fast)

@@ -137,6 +137,11 @@ class MetaConfig:
                                   "query, no fast weights) before meta-learning starts (0 = none)", 0)
     eval_every: int = _help("meta-steps between meta-validation evaluations", 20)
     eval_tasks: int = _help("meta-val tasks per evaluation", 8)
+    early_stopping_patience: int = _help("stop meta-training after this many meta-val evaluations in a row "
+                                         "(every meta.eval_every steps) that do not improve on the best one by "
+                                         "more than meta.early_stopping_min_delta (0 = never stop early)", 0)
+    early_stopping_min_delta: float = _help("the least decrease of the meta-val loss that counts as an "
+                                            "improvement for meta.early_stopping_patience", 0.0)
     grad_clip: float = _help("clip the meta-gradient norm (0 disables)", 1.0)
     weight_decay: float = _help("AdamW weight decay of the outer optimizer", 0.0)
 
@@ -217,6 +222,11 @@ class MetaTrainConfig:
                          "LoRA factor facing a zero-initialised one): the meta-gradient is ~1e6x larger than with sgd "
                          "before clipping and changes with fp rounding (worker count, ZeRO stage); prefer sgd for "
                          "second order, or adam with a first-order algorithm")
+        evaluations = self.meta.meta_steps // self.meta.eval_every
+        if 0 < evaluations <= self.meta.early_stopping_patience:
+            notes.append(f"meta.early_stopping_patience: {self.meta.early_stopping_patience} evaluations without "
+                         f"improvement never happen in a run that evaluates meta-val {evaluations} times "
+                         f"(meta.meta_steps / meta.eval_every), so it never stops early")
         if self.distributed.precision == "bf16" and not self.distributed.use_gpu:  # `auto` would pick fp32
             from metaprep.runtime import BF16_GEMM_FLAGS, native_bf16_matmul
 
@@ -254,6 +264,9 @@ class MetaTrainConfig:
         if self.meta.warm_start_steps >= self.meta.meta_steps or (self.meta.warm_start_steps and not spec.meta_trains):
             raise ConfigError(f"meta.warm_start_steps: must be < meta.meta_steps ({self.meta.meta_steps}) and 0 for "
                               f"algorithms that do not meta-train, got {self.meta.warm_start_steps}")
+        if self.meta.early_stopping_patience and not spec.meta_trains:
+            raise ConfigError(f"meta.early_stopping_patience: algorithm {self.algorithm} does not meta-train, so "
+                              f"there is nothing to stop; use 0, got {self.meta.early_stopping_patience}")
         if self.distributed.activation_checkpointing and self.distributed.zero_stage == 3:
             raise ConfigError("distributed.activation_checkpointing: needs distributed.zero_stage 1 or 2 (ZeRO-3 "
                               "releases the layer weights that the recomputation reads), got 3")
@@ -415,24 +428,46 @@ def load_config(cls: type, path: str | Path | None, overrides: list[str] | None 
         raise ConfigError(f"{where if isinstance(where, str) else f'{source}:{where}'}: {exc}") from None
 
 
-def config_reference(cls: type = None, prefix: str = "") -> str:
-    """Every key of ``cls`` (default :class:`MetaTrainConfig`) with its type, default, valid values and help,
-    one per line (``--help-config``), generated from the dataclasses."""
+@dataclasses.dataclass(frozen=True)
+class ConfigKey:
+    """One key of the recipe, as :func:`config_keys` lists it (a section has ``section=True``, no type)."""
+
+    key: str
+    help: str
+    section: bool = False
+    type: str = ""
+    default: Any = None
+    choices: tuple = ()
+
+
+def config_keys(cls: type | None = None, prefix: str = "") -> list[ConfigKey]:
+    """Every section and key of ``cls`` (default :class:`MetaTrainConfig`) in recipe order, with type, default,
+    valid values and help, generated from the dataclasses: what ``--help-config`` and CONFIG.md show."""
     cls = cls or MetaTrainConfig
     hints = typing.get_type_hints(cls)
-    lines = []
+    keys = []
     for f in dataclasses.fields(cls):
-        tp, dotted = hints[f.name], f"{prefix}{f.name}"
+        tp, dotted, text = hints[f.name], f"{prefix}{f.name}", f.metadata.get("help", "")
         if dataclasses.is_dataclass(tp):
-            lines.append(f"\n{dotted}:  {f.metadata.get('help', '')}")
-            lines.append(config_reference(tp, dotted + "."))
+            keys += [ConfigKey(dotted, text, section=True), *config_keys(tp, dotted + ".")]
             continue
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         choices = f.metadata.get("choices")
         choices = choices() if callable(choices) else choices
-        valid = f"  one of: {', '.join(map(str, choices))}" if choices else ""
         name = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-        lines.append(f"  {dotted} ({name}, default {default!r}): {f.metadata.get('help', '')}{valid}")
+        keys.append(ConfigKey(dotted, text, type=name, default=default, choices=tuple(choices or ())))
+    return keys
+
+
+def config_reference() -> str:
+    """Every config key, one per line, under its section (``--help-config``)."""
+    lines = []
+    for k in config_keys():
+        if k.section:
+            lines.append(f"\n{k.key}:  {k.help}")
+            continue
+        valid = f"  one of: {', '.join(map(str, k.choices))}" if k.choices else ""
+        lines.append(f"  {k.key} ({k.type}, default {k.default!r}): {k.help}{valid}")
     return "\n".join(lines)
 
 

@@ -106,10 +106,11 @@ def check_ranges(cfg: MetaTrainConfig) -> None:
     m, t = cfg.meta, cfg.tasks
     for key in ("meta.inner_lr", "meta.outer_lr", "reparam.alpha", "search.tau_start", "search.tau_end"):
         _positive(key, _get(cfg, key))
-    for key in ("meta.support_weight", "meta.weight_decay", "meta.grad_clip"):
+    for key in ("meta.support_weight", "meta.weight_decay", "meta.grad_clip", "meta.early_stopping_min_delta"):
         _finite_at_least(key, _get(cfg, key), 0)
     for key, low in (("meta.inner_steps", 1), ("meta.meta_batch_size", 1), ("meta.meta_steps", 1),
                      ("meta.eval_every", 1), ("meta.warm_start_steps", 0), ("meta.eval_tasks", 1),
+                     ("meta.early_stopping_patience", 0),
                      ("reparam.rank", 1), ("reparam.kronecker_blocks", 1), ("tasks.shots", 1),
                      ("tasks.query_size", 1), ("tasks.seq_len", 4), ("tasks.num_tasks", 3),
                      ("tasks.synthetic_letters", 1), ("distributed.num_workers", 1), ("distributed.cpus_per_worker", 1),

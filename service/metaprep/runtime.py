@@ -1,4 +1,9 @@
-"""Process settings that suit a CPU training process: threads and the allocator (issue 17).
+"""Process settings: third-party output (issue 19), threads and the allocator (issue 17).
+
+:data:`QUIET_ENV` turns off the progress bars and chatter of the libraries the jobs use, so that their
+output is the jobs' own progress lines (:mod:`metaprep.progress`); :func:`quiet_third_party` applies it to
+this process (``jobs._cli`` does at import, before any library is loaded), and
+:func:`metaprep.train.launch.init_ray` hands it to every Ray worker.
 
 The meta-step allocates and frees the same large tensors every step (activations, gradient
 buckets, 113 MB embedding gradients for SmolLM2). glibc serves blocks above its mmap threshold
@@ -15,7 +20,38 @@ import os
 import sys
 from pathlib import Path
 
-import torch
+# Each library reads its switch when it is imported; a variable the user has set is kept.
+QUIET_ENV = {
+    # huggingface_hub's download bars, and transformers' bars ("Loading weights", "Writing model shards"),
+    # which follow the hub's switch
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+    # transformers' warnings and load reports; errors still show
+    "TRANSFORMERS_VERBOSITY": "error",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    # every other tqdm bar (tqdm reads TQDM_* as defaults of its arguments), e.g. GGUF dequantisation
+    "TQDM_DISABLE": "1",
+    # MLflow's artifact upload/download bars and its "View run ... at: URL" lines
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+    # MLflow's telemetry thread edits os.environ while request threads read it (a KeyError
+    # '_MLFLOW_TELEMETRY_SESSION_ID' failed a trial's log_batch); there is nothing to send offline
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    # the tokenizers' "process just got forked" warning (data loading forks after tokenising)
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def quiet_env() -> dict[str, str]:
+    """:data:`QUIET_ENV` with this process's own values where set: what Ray workers get."""
+    return {key: os.environ.get(key, value) for key, value in QUIET_ENV.items()}
+
+
+def quiet_third_party() -> None:
+    """Set :data:`QUIET_ENV` in this process (keeping the user's values); before the libraries are imported."""
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+
 
 ENV = "METAPREP_KEEP_FREED_MEMORY"
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameters (malloc.h)
@@ -50,6 +86,8 @@ def release_freed_memory() -> None:
 
 def configure_process(threads: int) -> None:
     """Intra-op threads for this process and the allocator setting above."""
+    import torch  # here, so that jobs._cli can import this module before any library
+
     torch.set_num_threads(max(1, int(threads)))
     keep_freed_memory()
 
@@ -101,4 +139,38 @@ def use_loopback_ray(address: str | None) -> bool:
         from ray._private import ray_constants
 
         ray_constants.ENABLE_RAY_CLUSTER = False
+    return True
+
+
+AUTH_MODE_ENV, AUTH_TOKEN_PATH_ENV = "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH"
+STACK_TOKEN = "ray_auth_token"  # where cluster/stack.sh keeps the local stack's Ray token, in the state folder
+
+
+def use_stack_token(state: Path) -> bool:
+    """Authenticate to a Ray cluster on this machine with the state folder's token (``<state>/ray_auth_token``,
+    the one ``make up`` starts the stack with; made here, 256 random bits readable by this user only, when a
+    job starts its own local Ray), unless the environment already says how (``RAY_AUTH_MODE``,
+    ``RAY_AUTH_TOKEN[_PATH]``).
+
+    Ray >= 2.52 runs clusters with token authentication and otherwise keeps one token per user in
+    ``~/.ray``, which then also switches on for every later ``ray start``; with the token in the state
+    folder a job started by hand after ``make up`` connects without sourcing ``.state/stack.env``, and a
+    local Ray of its own starts without Ray's warning. Call before ``ray.init``, for a cluster on this
+    machine only.
+    """
+    if any(os.environ.get(k) for k in (AUTH_MODE_ENV, AUTH_TOKEN_PATH_ENV, "RAY_AUTH_TOKEN")):
+        return False
+    token = Path(state) / STACK_TOKEN
+    if not token.is_file():
+        import secrets
+
+        token.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    os.environ[AUTH_MODE_ENV], os.environ[AUTH_TOKEN_PATH_ENV] = "token", str(token)
+    if "ray._raylet" in sys.modules:  # Ray caches its config at import; re-read it, as Ray itself does
+        from ray._raylet import Config
+
+        Config.initialize("")
     return True

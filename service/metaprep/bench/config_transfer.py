@@ -46,7 +46,7 @@ import math
 import multiprocessing
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any
 
 import numpy as np
@@ -54,6 +54,7 @@ import numpy as np
 from metaprep.bench.quicktune_gp import DeepKernelGP
 from metaprep.bench.report import result
 from metaprep.errors import ConfigError
+from metaprep.progress import Progress
 from metaprep.transfer.features import DictEncoder
 from metaprep.transfer.metadataset import MetaDataset, Pool, load_metadataset
 from metaprep.transfer.recommender import Recommender
@@ -61,6 +62,7 @@ from metaprep.transfer.surrogate import minmax
 
 KS = (1, 5)
 METHODS = ("recommender", "random", "best_default", "avg_rank", "quicktune_gp")
+FITTED = ("recommender", "quicktune_gp")  # fitted per (test dataset, seed): the units of the progress lines
 DEFAULT_SEEDS = 3
 MAX_WORKERS = 2
 
@@ -202,13 +204,25 @@ def run(args: Any) -> dict:
     # (surrogate.single_thread), so two worker processes are what uses two cores
     tasks = [(f, seed) for f in range(len(folds)) for seed in seeds]
     workers = 1 if quick else min(MAX_WORKERS, os.cpu_count() or 1, len(tasks))
+    progress = Progress("config_transfer", (len(folds), "test dataset"), (len(seeds), "seed"))
+    units = [f"dataset {folds[f][1].dataset} seed {seed} methods {'+'.join(FITTED)}" for f, seed in tasks]
+
+    def finished(i: int, out: dict) -> dict:
+        progress.done(units[i], ", ".join(f"{m} {secs:.1f}s" for m, (_, secs) in out.items()))
+        return out
+
+    outputs: list[dict] = [{}] * len(tasks)
     if workers > 1:
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool_exec:
-            futures = [pool_exec.submit(_fit_and_rank, *folds[f], seed, rec_kwargs, gp_kwargs)
-                       for f, seed in tasks]
-            outputs = [fut.result() for fut in futures]
+            futures = {pool_exec.submit(_fit_and_rank, *folds[f], seed, rec_kwargs, gp_kwargs): i
+                       for i, (f, seed) in enumerate(tasks)}
+            for fut in as_completed(futures):  # in the order they finish, for the progress lines
+                outputs[futures[fut]] = finished(futures[fut], fut.result())
     else:
-        outputs = [_fit_and_rank(*folds[f], seed, rec_kwargs, gp_kwargs) for f, seed in tasks]
+        for i, (f, seed) in enumerate(tasks):
+            progress.start(units[i])
+            outputs[i] = finished(i, _fit_and_rank(*folds[f], seed, rec_kwargs, gp_kwargs))
+    progress.finish()
     for (f, _), out in zip(tasks, outputs, strict=True):
         pool = folds[f][1]
         for method, (order, secs) in out.items():

@@ -133,12 +133,12 @@ def run(args: argparse.Namespace) -> dict:
         return -mean_or_nan(extras["accuracy"]) + 1e-3 * mean_or_nan(curve[-1])
 
     if encoder:
-        records = run_folds([fold], proto, model_path, hook=encoder_accuracy_hook, val_score=val_score,
+        records = run_folds("convai2_mc", [fold], proto, model_path, hook=encoder_accuracy_hook, val_score=val_score,
                             batch_fn=make_mc_batch)
         return build_report("convai2_mc", records, proto, model_path, args, ("accuracy", "accuracy_before"),
                             scoring="bi-encoder: cosine of mean-pooled embeddings, argmax over 20 candidates",
                             scorer="encoder", chance=1 / 20)
-    records = run_folds([fold], proto, model_path, hook=mc_accuracy_hook, val_score=val_score)
+    records = run_folds("convai2_mc", [fold], proto, model_path, hook=mc_accuracy_hook, val_score=val_score)
     return build_report("convai2_mc", records, proto, model_path, args, ("accuracy",),
                         scoring="causal-LM ranking: mean log-prob per reply token, argmax over 20 candidates",
                         scorer="lm", chance=1 / 20)

@@ -40,6 +40,7 @@ from metaprep.errors import ConfigError, DataError
 from metaprep.meta.adapt import adapt
 from metaprep.meta.algorithm import ALGORITHMS
 from metaprep.meta.build import build_meta_model
+from metaprep.progress import Progress
 from metaprep.tasks.base import Episode, TaskBatch, TaskSplit, fixed_episodes, make_batch
 from metaprep.tasks.families import batch_encoder_for, resolve_data_dir
 from metaprep.train.local import meta_train_local
@@ -176,11 +177,13 @@ def evaluate(model, tokenizer, episodes: list[Episode], proto: Protocol, lr: flo
     return curve, extras
 
 
-def run_folds(folds: list[Fold], proto: Protocol, model_path: str, hook: Hook | None = None,
+def run_folds(suite: str, folds: list[Fold], proto: Protocol, model_path: str, hook: Hook | None = None,
               val_score: Callable[[list[list[float]], dict], float] | None = None,
-              log: Callable[[str], None] = print, prepare_fn: Callable | None = None,
-              batch_fn: Callable[..., TaskBatch] | None = None) -> list[dict]:
+              prepare_fn: Callable | None = None, batch_fn: Callable[..., TaskBatch] | None = None) -> list[dict]:
     """Meta-train and evaluate every (fold, seed, method); one record each (curves, timings, lr choice).
+
+    Prints the plan (folds x seeds x methods) and a line as each unit starts and ends, with the ETA
+    (:class:`metaprep.progress.Progress`, prefixed ``[suite]``).
 
     ``val_score(curve, extras)`` ranks the lr candidates on meta-val (lower is better; default: mean
     query loss after adaptation); ``hook`` runs at meta-val only when a ``val_score`` is given.
@@ -193,6 +196,7 @@ def run_folds(folds: list[Fold], proto: Protocol, model_path: str, hook: Hook | 
     tune_hook = hook if val_score is not None else None
     val_score = val_score or (lambda curve, extras: mean_or_nan(curve[-1]))
     records, chosen = [], {}
+    progress = Progress(suite, (len(folds), "fold"), (proto.seeds, "seed"), (len(proto.methods), "method"))
     for fold in folds:
         probe = make_config("finetune", 0, proto, fold, model_path)
         split = fold.split or load_split(probe)
@@ -209,6 +213,8 @@ def run_folds(folds: list[Fold], proto: Protocol, model_path: str, hook: Hook | 
             val_eps = fixed_episodes(val_tasks, proto.shots, proto.query_size, seed)
             test_eps = fixed_episodes(test_tasks, proto.shots, proto.query_size, seed)
             for method in proto.methods:
+                unit = f"fold {fold.name} seed {seed} method {method}"
+                progress.start(unit)
                 c0, t0 = time.process_time(), time.perf_counter()
                 model, tok, info = prepare_fn(method, seed, proto, fold, model_path)
                 method_batch_fn = batch_fn or method_batches(method, proto, fold, model_path)
@@ -234,7 +240,8 @@ def run_folds(folds: list[Fold], proto: Protocol, model_path: str, hook: Hook | 
                                 "tasks": [ep.task for ep in test_eps], "curve": curve, "extras": extras,
                                 "meta_train_s": round(t1 - t0, 2), "tune_s": round(t2 - t1, 2),
                                 "eval_s": round(t3 - t2, 2), "cpu_s": round(time.process_time() - c0, 2), **info})
-                log(f"[{fold.name} seed {seed}] {method:10s} lr={lr:g} query loss {mean_or_nan(curve[0]):.3f} -> "
-                    f"{mean_or_nan(curve[-1]):.3f}  (train {t1 - t0:.0f}s, tune {t2 - t1:.0f}s, eval {t3 - t2:.0f}s)")
+                progress.done(unit, f"lr={lr:g} query loss {mean_or_nan(curve[0]):.3f} -> {mean_or_nan(curve[-1]):.3f} "
+                                    f"(train {t1 - t0:.0f}s, tune {t2 - t1:.0f}s, eval {t3 - t2:.0f}s)")
                 del model
+    progress.finish()
     return records

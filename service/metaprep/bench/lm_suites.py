@@ -53,7 +53,7 @@ def run_persona(args: argparse.Namespace) -> dict:
         fold.name, test_source = "synthetic_persona_chat", f"{args.persona_test_csv} personas"
         if not proto.test_tasks:
             proto = replace(proto, test_tasks=16)
-    records = run_folds([fold], proto, model_path)
+    records = run_folds("persona", [fold], proto, model_path)
     return build_report("persona", records, proto, model_path, args, test_source=test_source,
                         split_sizes=_sizes(fold))
 
@@ -80,7 +80,7 @@ def run_multidomain(args: argparse.Namespace) -> dict:
                 (Path(tmp) / f"{name}.jsonl").symlink_to(file.resolve())
         fold = Fold("multidomain", {"family": "multidomain", "path": tmp, "val_fraction": 0.15,
                                     "test_fraction": 0.05}, test=test_tasks)
-        records = run_folds([fold], proto, model_path)
+        records = run_folds("multidomain", [fold], proto, model_path)
     return build_report("multidomain", records, proto, model_path, args, test_domains=test,
                         split_sizes=_sizes(fold))
 
@@ -128,7 +128,7 @@ def run_summarization(args: argparse.Namespace) -> dict:
             folds.append(Fold(held_out.name, {"family": "jsonl", "path": str(folder), "val_fraction": 0.15,
                                               "test_fraction": 0.05},
                               test=shard(held_out, proto.shard_size, proto.test_shards)))
-        records = run_folds(folds, proto, model_path, hook=_rouge_hook)
+        records = run_folds("summarization", folds, proto, model_path, hook=_rouge_hook)
     per_domain = {}
     for fold in folds:
         _, summary = aggregate([r for r in records if r["fold"] == fold.name], proto, ("rouge1", "rouge2", "rougeL"))

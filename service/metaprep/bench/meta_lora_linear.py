@@ -27,6 +27,7 @@ from pathlib import Path
 
 from metaprep.bench.linear_theory import LinearConfig, run_experiment
 from metaprep.bench.report import result
+from metaprep.progress import Progress
 
 METHODS = ("standard_retraining", "meta_lora")
 METRICS = ("test_loss", "test_loss_insample", "a_error")
@@ -40,12 +41,17 @@ def run(args: argparse.Namespace) -> dict:
     cfg = LinearConfig().quick() if quick else LinearConfig()
     n_seeds = args.seeds or (3 if quick else 5)
     runs = []
+    progress = Progress("meta_lora_linear", (n_seeds, "seed"), (len(TASK_COUNTS), "task count"))
     for seed in range(n_seeds):
         for num_tasks in TASK_COUNTS:
+            unit = f"seed {seed} T={num_tasks} methods {'+'.join(METHODS)}"
+            progress.start(unit)
             start = time.perf_counter()
             values = run_experiment(seed, num_tasks, cfg, max_tasks=max(TASK_COUNTS))
             runs.append({"T": num_tasks, "seed": seed, "wall_s": round(time.perf_counter() - start, 3),
                          **values})
+            progress.done(unit, "test loss " + ", ".join(f"{m} {values[m]['test_loss']:.4g}" for m in METHODS))
+    progress.finish()
 
     results = []
     for method in METHODS:

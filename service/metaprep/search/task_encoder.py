@@ -32,7 +32,7 @@ class SupportEncoder:
         from metaprep.models.hf import load_encoder
 
         self.path = path
-        self.model, self.tokenizer = load_encoder(resolve_path(path))
+        self.model, self.tokenizer = load_encoder(resolve_path(path, "search.encoder_path"))
         self.model.requires_grad_(False)
         self._cache: dict[str, torch.Tensor] = {}
 

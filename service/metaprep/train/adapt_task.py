@@ -14,12 +14,14 @@ import json
 import math
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from metaprep.errors import ConfigError, DataError
+from metaprep.progress import duration, say
 
 if TYPE_CHECKING:  # torch loads only once the arguments are checked
     from metaprep.tasks.base import Episode, Task
@@ -75,6 +77,21 @@ def meta_features(task: Task, support, tokenizer, zero_shot_loss: float) -> dict
             "zero_shot_loss": zero_shot_loss, "shots": float(support.input_ids.shape[1])}
 
 
+def report_step(steps: int) -> Callable[[int, list[float]], None]:
+    """The ``on_step`` of :func:`metaprep.meta.adapt.adapt`: one line per adaptation step, as it is measured
+    (step 0: before adapting)."""
+    def line(step: int, losses: list[float]) -> None:
+        say("adapt", f"step {step}/{steps} query loss {losses[0]:.4f}{' (before adapting)' if step == 0 else ''}")
+    return line
+
+
+def report_curve(curve: list[float], seconds: float) -> None:
+    """Query loss and perplexity before -> after adaptation, and the time it took."""
+    steps = len(curve) - 1
+    say("adapt", f"query loss {curve[0]:.4f} -> {curve[-1]:.4f}, perplexity {math.exp(min(curve[0], 50)):.4g} -> "
+                 f"{math.exp(min(curve[-1], 50)):.4g} ({steps} steps in {duration(seconds)})")
+
+
 def adapt_registered(base: str, controller: str | None = None, *, tasks: str | None = None,
                      task: str | None = None, meta_test: bool = False, data_dir: str | None = None, shots: int = 8,
                      steps: int = 10, lr: float | None = None, query_size: int = 32, seed: int = 0,
@@ -101,6 +118,7 @@ def adapt_registered(base: str, controller: str | None = None, *, tasks: str | N
 
     if tasks is not None:
         picked = check_size(pick_task(load_jsonl_tasks(tasks), task, tasks), shots, tasks)
+    say("adapt", f"loading {base} ...")
     model, loaded, cfg, controller = _load_checked(base, controller, exports, register)
     if meta_test:
         picked, source = meta_test_task(cfg, data_dir, task)
@@ -121,8 +139,13 @@ def adapt_registered(base: str, controller: str | None = None, *, tasks: str | N
     configure_process(cfg.distributed.torch_threads or cfg.distributed.cpus_per_worker)
     from metaprep.train.step import autocast_dtype
 
-    result = adapt(model, support, query, steps, lr, cfg.meta.inner_optimizer, autocast_dtype=autocast_dtype(cfg))
+    say("adapt", f"task {picked.name}: {shots} support / {len(episode.query)} query examples, {steps} steps at lr "
+                 f"{lr:g} ({cfg.algorithm}, {cfg.reparam.kind}) ...")
+    t_adapt = time.perf_counter()
+    result = adapt(model, support, query, steps, lr, cfg.meta.inner_optimizer, autocast_dtype=autocast_dtype(cfg),
+                   on_step=report_step(steps))
     curve = [c[0] for c in result.curve]
+    report_curve(curve, time.perf_counter() - t_adapt)
     if not all(math.isfinite(c) for c in curve):
         raise DataError(f"adaptation diverged (query loss {curve[-1]}) at --lr {lr}; use a smaller --lr")
     summary = {

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import shutil
@@ -24,7 +25,7 @@ from typing import Any
 
 from metaprep.config import MetaTrainConfig, flatten
 from metaprep.errors import ConfigError, MetaprepError, TrainingDivergedError
-from metaprep.runtime import use_loopback_ray
+from metaprep.runtime import quiet_env, use_loopback_ray, use_stack_token
 
 RUN_FILE = "metaprep_run.json"  # {run_id, tracking_uri}: how --resume finds the MLflow run of a Ray run
 STATUS_FILE = "metaprep_final.json"  # the final metrics, written by the rank-0 worker (a diverged run included)
@@ -39,9 +40,24 @@ def _names(tasks, most: int = 5) -> str:
     return ", ".join(names[:most]) + (f", ... ({len(names) - most} more)" if len(names) > most else "") or "-"
 
 
+STATE_ENV = "METAPREP_STATE_DIR"
+CHECKOUT = Path(__file__).resolve().parents[3]  # the repository holding service/metaprep/train/launch.py
+
+
 def state_dir() -> Path:
-    """Where runs keep local state (Ray results by default): ``$METAPREP_STATE_DIR`` or ``~/.metaprep``."""
-    return Path(os.environ.get("METAPREP_STATE_DIR") or Path.home() / ".metaprep")
+    """The one local state folder (Ray results of runs and sweeps by default; ``make up``'s servers keep their
+    database, artifacts and logs there too), the same whichever folder a job is started from:
+
+    1. ``$METAPREP_STATE_DIR`` (``make`` and ``cluster/stack.sh`` set it, and Ray workers get the driver's);
+    2. else ``.state/`` of the project checkout the code runs from: the folder ``make up`` and the README use
+       (a copy Ray unpacked for one job is no checkout: it is deleted with the job);
+    3. else ``~/.metaprep`` (an installed package, a container image).
+    """
+    if os.environ.get(STATE_ENV):
+        return Path(os.environ[STATE_ENV]).expanduser()
+    if (CHECKOUT / ".git").exists() and "runtime_resources" not in CHECKOUT.parts:
+        return CHECKOUT / ".state"
+    return Path.home() / ".metaprep"
 
 
 def storage_root(cfg: MetaTrainConfig) -> Path:
@@ -91,6 +107,14 @@ def check_cluster_fits(cfg: MetaTrainConfig, resources: dict[str, float], what: 
     return total, float(need)
 
 
+def worker_runtime_env() -> dict:
+    """The job-level runtime env of every Ray worker this driver starts (Train workers, Tune trials): ``service/``
+    importable, the third-party output turned off (:func:`metaprep.runtime.quiet_env`) and the state folder.
+    A task's or actor's own ``env_vars`` (Ray Train's ``worker_runtime_env``) are merged into these."""
+    return {"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[2]), **quiet_env(),
+                         STATE_ENV: str(state_dir())}}
+
+
 def init_ray(log_to_driver: bool) -> None:
     """Connect to ``$RAY_ADDRESS`` (or start a local Ray) unless connected; workers import ``service/``."""
     import ray
@@ -98,20 +122,17 @@ def init_ray(log_to_driver: bool) -> None:
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
-    use_loopback_ray(address)
+    if use_loopback_ray(address) or not address:  # a cluster on this machine, or a new local one
+        use_stack_token(state_dir())
     if address and address.startswith(("http://", "https://")):
         # the dashboard URL `make up` prints is for `ray job submit`; a driver finds the cluster itself
         # (ray.init("auto") would read the URL back from the environment and refuse it)
         os.environ.pop("RAY_ADDRESS")
         address = "auto"
     try:
-        ray.init(address=address, log_to_driver=log_to_driver, runtime_env={"env_vars": {
-            "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
-            # MLflow's telemetry thread edits os.environ while request threads read it (a KeyError
-            # '_MLFLOW_TELEMETRY_SESSION_ID' failed a trial's log_batch); it has no network here anyway.
-            "MLFLOW_DISABLE_TELEMETRY": os.environ.get("MLFLOW_DISABLE_TELEMETRY", "true"),
-            "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": os.environ.get("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT",
-                                                                     "true")}})
+        # Ray's INFO lines ("Started a local Ray instance") would sit on stderr beside a job's one-line error
+        ray.init(address=address, log_to_driver=log_to_driver, runtime_env=worker_runtime_env(),
+                 logging_level=logging.WARNING)
     except ConnectionError as exc:
         raise MetaprepError(f"cannot connect to the Ray cluster ({str(exc).splitlines()[0]}); start it with "
                             f"`make up` or set RAY_ADDRESS") from None
@@ -328,6 +349,7 @@ def launch_meta_training(cfg: MetaTrainConfig, *, resume: str | None = None,
     summary = {"run_id": run.run_id, "run_name": run.name, "meta_steps": final["meta_steps"],
                "meta_val_loss_start": final["meta_val_loss_start"], "meta_val_loss_end": final["meta_val_loss_end"],
                "meta_val_curve": final["meta_val_curve"], "selected_step": final.get("selected_step"),
+               "stopped_early_at_step": final.get("stopped_early_at_step"),
                "algorithm": cfg.algorithm,
                "reparam": cfg.reparam.kind, "data_fingerprint": data_fp}
     config = dataclasses.asdict(cfg)

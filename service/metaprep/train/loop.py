@@ -1,10 +1,11 @@
 """The meta-training worker loop: one DeepSpeed engine per worker, meta-batches sharded by rank.
 
 Each iteration is :func:`metaprep.train.step.meta_step` on this worker's share of the meta-batch;
-around it the loop evaluates on meta-validation, logs, checkpoints, detects divergence and (rank 0)
-exports the prepared model. It runs inside a Ray Train worker (:mod:`metaprep.train.ray_job`) or in
-a plain process (``world = 1``, :mod:`metaprep.train.local`). The task family decides the batch
-encoder and the model (a causal LM, or the ``convai2_mc`` sentence-encoder scorer).
+around it the loop evaluates on meta-validation, logs, checkpoints, detects divergence, stops early when
+meta-val stops improving (``meta.early_stopping_patience``) and (rank 0) exports the prepared model. It
+runs inside a Ray Train worker (:mod:`metaprep.train.ray_job`) or in a plain process (``world = 1``,
+:mod:`metaprep.train.local`). The task family decides the batch encoder and the model (a causal LM, or
+the ``convai2_mc`` sentence-encoder scorer).
 """
 
 from __future__ import annotations
@@ -27,12 +28,13 @@ from metaprep.errors import CheckpointError
 from metaprep.meta.adapt import adapt
 from metaprep.meta.build import MetaLearner, build_learner, build_meta_model
 from metaprep.meta.model import MetaModel
+from metaprep.progress import duration
 from metaprep.registry.artifacts import export_prepared
 from metaprep.registry.tracking import MetricLogger
 from metaprep.runtime import configure_process
 from metaprep.tasks.base import TaskSplit, fixed_episodes, split_tasks
 from metaprep.tasks.families import batch_encoder_for, load_tasks
-from metaprep.train.select import BestWeights
+from metaprep.train.select import BestWeights, EarlyStopping
 from metaprep.train.step import MetaBatches, autocast, autocast_dtype, make_engine, meta_step
 from metaprep.train.zero3 import zero3_gathered
 
@@ -127,12 +129,7 @@ class Progress:
         eta = rate * (self.total - done)
         val = f" | meta-val {self.val:.4f}" if self.val is not None else ""
         print(f"[meta-train] step {done}/{self.total} meta-loss {m['meta_loss']:.4f}{val} | "
-              f"{m['tasks_per_s']:.2f} tasks/s {m['tokens_per_s']:.0f} tok/s | ETA {_duration(eta)}", flush=True)
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+              f"{m['tasks_per_s']:.2f} tasks/s {m['tokens_per_s']:.0f} tok/s | ETA {duration(eta)}", flush=True)
 
 
 @dataclass
@@ -195,6 +192,10 @@ def run_worker(cfg: MetaTrainConfig, env: WorkerEnv, tracking: dict | None, expo
     best = BestWeights(cfg.checkpoint.select == "best" and meta_steps > 0, cfg.distributed.zero_stage == 3, env.rank)
     if start == 0:
         best.offer(module, 0, history["meta_val_loss"][0][1])
+    stopper = EarlyStopping(cfg.meta.early_stopping_patience, cfg.meta.early_stopping_min_delta)
+    for evaluated, val in history["meta_val_loss"]:  # a resumed run counts on from its checkpointed curve
+        stopper.update(evaluated, val)
+    stopped_early = None
     for step in range(start, meta_steps):
         if os.environ.get(CRASH_ENV) == str(step):  # fault injection for the reliability tests
             raise RuntimeError(f"injected worker crash at meta-step {step}")
@@ -216,21 +217,32 @@ def run_worker(cfg: MetaTrainConfig, env: WorkerEnv, tracking: dict | None, expo
                         "step_time_s": dt, "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                         **{k: v for k, v in metrics.items() if isinstance(v, float)}}
         done = step + 1
+        stop = False
         if done % cfg.meta.eval_every == 0 or done == meta_steps:
             with autocast(cfg):
                 history["meta_val_loss"].append([done, evaluate(module, cfg, val_s.to(device), val_q.to(device))])
             step_metrics["meta_val_loss"] = history["meta_val_loss"][-1][1]
             best.offer(module, done, step_metrics["meta_val_loss"])
+            stop = stopper.update(done, step_metrics["meta_val_loss"]) and done < meta_steps
+            if stopper.patience:  # every rank votes, so a rank that disagreed could not leave the others waiting
+                stop = _all_reduce([float(stop)], env.world)[0] > 0
+            if stop:
+                stopped_early = step_metrics["stopped_early_at_step"] = done
         log(step_metrics, done)
         if env.rank == 0:
             progress.step(done, step_metrics)
+        if stop:
+            if env.rank == 0:
+                print(stopper.reason(done, meta_steps), flush=True)
+            break
         if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < meta_steps:
             ckpt = env.scratch / f"ckpt-{done}-rank{env.rank}"
             save_checkpoint(engine, ckpt, done, history, cfg.seed, env.rank,
                             previous=start > 0 or done > cfg.checkpoint.every)
             env.report({"meta_step": done, "meta_loss": step_metrics["meta_loss"]}, ckpt)
 
-    final = {"meta_steps": meta_steps if diverged is None else diverged,
+    final = {"meta_steps": diverged if diverged is not None else stopped_early or meta_steps,
+             "stopped_early_at_step": stopped_early,
              "meta_val_loss_start": history["meta_val_loss"][0][1],
              "meta_val_loss_end": history["meta_val_loss"][-1][1], "diverged_at": diverged,
              "meta_val_curve": history["meta_val_loss"], "no_update_steps": history.get("no_update_steps", 0)}
@@ -251,7 +263,7 @@ def run_worker(cfg: MetaTrainConfig, env: WorkerEnv, tracking: dict | None, expo
             if final["selected_step"] != final["meta_steps"]:
                 print(f"[meta-train] registering the weights of step {final['selected_step']} (best meta-val "
                       f"{final['selected_meta_val_loss']:.4f}; checkpoint.select=last keeps the last step)", flush=True)
-            export_prepared(module, loaded, cfg, out)
+            export_prepared(module, loaded, cfg, out, split=split)
     _write_status(env, final)
     env.report(final, out if env.rank == 0 else None)
     return WorkerResult(final, engine.module, loaded, split, out if env.rank == 0 else None)

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from metaprep.config import MetaTrainConfig, from_dict
+from metaprep.runtime import quiet_env
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -44,8 +45,7 @@ def build_trainer(cfg: MetaTrainConfig, name: str, storage_path: str, tracking: 
     from ray.train.torch import TorchConfig, TorchTrainer
 
     d = cfg.distributed
-    env_vars = {"DS_ACCELERATOR": "cuda" if d.use_gpu else "cpu", "TOKENIZERS_PARALLELISM": "false",
-                "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+    env_vars = {**quiet_env(), "DS_ACCELERATOR": "cuda" if d.use_gpu else "cpu",
                 "OMP_NUM_THREADS": str(d.torch_threads or d.cpus_per_worker)}
     for key in ("METAPREP_DATA_DIR", "METAPREP_CACHE_DIR", "MLFLOW_TRACKING_URI", "METAPREP_FAULT_CHECKPOINT_AT",
                 "METAPREP_FAULT_CRASH_AT"):

@@ -56,8 +56,11 @@ def load_sweep_recipe(path: str | Path, overrides: list[str] | None = None,
             raw_sweep = {**raw_sweep, "num_samples": num_samples}
     spec = parse_sweep(raw_sweep, base, str(path), lines)
     if spec.asha.enabled and cfg.meta.eval_every >= cfg.meta.meta_steps:
-        # no meta-validation before the last step: nothing for ASHA to compare early
         spec.asha.enabled = False
+        spec.asha.off_reason = (f"meta.eval_every ({cfg.meta.eval_every}) >= meta.meta_steps ({cfg.meta.meta_steps}): "
+                                f"the meta-val loss is first known at the last step, so there is nothing to stop "
+                                f"trials on early; set meta.eval_every below meta.meta_steps to let ASHA stop poor "
+                                f"trials")
     return cfg, base, spec
 
 
@@ -278,7 +281,8 @@ def _parse_asha(raw: Any, base: dict, where: Where) -> AshaSpec:
     rf = raw.get("reduction_factor", 2.0)
     if not is_number(rf) or not rf > 1:
         raise ConfigError(f"{where('sweep.asha.reduction_factor')}: expected a number > 1, got {rf!r}")
-    return AshaSpec(enabled=enabled, grace_period=grace, reduction_factor=float(rf))
+    return AshaSpec(enabled=enabled, grace_period=grace, reduction_factor=float(rf),
+                    off_reason=None if enabled else "sweep.asha.enabled is false in the recipe")
 
 
 def _parse_recommender(raw: Any, space: dict[str, ParamSpec], where: Where) -> RecommenderSpec:

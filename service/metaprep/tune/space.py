@@ -145,6 +145,7 @@ class AshaSpec:
     enabled: bool = True
     grace_period: int | None = None  # None: meta.eval_every (the first evaluation)
     reduction_factor: float = 2.0
+    off_reason: str | None = None  # why ASHA is off, in words the sweep prints (None while it is on)
 
 
 @dataclass

@@ -30,6 +30,7 @@ from typing import Any
 
 from metaprep.config import MetaTrainConfig, flatten
 from metaprep.errors import ConfigError
+from metaprep.registry.promotion import tag_json
 from metaprep.tune.space import METRIC, SweepSpec, trial_config
 
 STATUSES = ("completed", "diverged", "early_stopped", "failed")
@@ -195,8 +196,8 @@ def run_sweep(cfg: MetaTrainConfig, base: dict, spec: SweepSpec, log=print) -> d
         params = {f"base.{k}": v for k, v in flatten(base).items() if k not in spec.space}
         params.update({"sweep.num_samples": spec.num_samples, "sweep.searcher": spec.searcher,
                        "sweep.seed": spec.seed, "sweep.max_concurrent_trials": concurrent,
-                       "sweep.asha": json.dumps(dataclasses.asdict(spec.asha)),
-                       **{f"sweep.space.{k}": json.dumps(p.to_dict()) for k, p in spec.space.items()}})
+                       "sweep.asha": tag_json(dataclasses.asdict(spec.asha)),
+                       **{f"sweep.space.{k}": tag_json(p.to_dict()) for k, p in spec.space.items()}})
         if spec.recommender is not None:
             params["sweep.recommender.surrogate"] = spec.recommender.surrogate
         log_params(client, parent, params)
@@ -215,7 +216,7 @@ def run_sweep(cfg: MetaTrainConfig, base: dict, spec: SweepSpec, log=print) -> d
         summary, best = _summarise(grid, spec, client, ctx, storage / sweep_name, log)
         summary.update(max_concurrent_trials=concurrent, data_fingerprint=data_fp)
         if best is not None and cfg.registry.register:
-            summary.update(_register_best(best, base, split, data_fp, client, ctx))
+            summary.update(_register_best(best, base, split, data_fp, client, ctx, log))
     except BaseException:
         client.set_terminated(parent, "FAILED")
         raise
@@ -227,24 +228,38 @@ def run_sweep(cfg: MetaTrainConfig, base: dict, spec: SweepSpec, log=print) -> d
     return summary
 
 
+def asha_scheduler(cfg: MetaTrainConfig, spec: SweepSpec):
+    """ASHA on ``meta_step`` (None when it is off) and the line that says when it stops trials, or why it is off."""
+    if not spec.asha.enabled:
+        return None, (f"metaprep: ASHA off: {spec.asha.off_reason or 'disabled'}; every trial runs all "
+                      f"{cfg.meta.meta_steps} meta-steps")
+    from ray.tune.schedulers import ASHAScheduler
+
+    grace = min(spec.asha.grace_period or cfg.meta.eval_every, cfg.meta.meta_steps)
+    rf = spec.asha.reduction_factor
+    rungs, step = [], float(grace)
+    while step < cfg.meta.meta_steps:  # ASHA's rungs: grace_period * reduction_factor^k below max_t
+        rungs, step = rungs + [f"{step:g}"], step * rf
+    scheduler = ASHAScheduler(time_attr="meta_step", max_t=cfg.meta.meta_steps, grace_period=grace,
+                              reduction_factor=rf)
+    return scheduler, (f"metaprep: ASHA on: at meta-step {', '.join(rungs) or grace} a trial whose {METRIC} is "
+                       f"not in the best 1/{rf:g} so far is stopped early")
+
+
 def _tune(cfg: MetaTrainConfig, spec: SweepSpec, concurrent: int, ctx: dict, storage: Path, log):
     """Run the trials (:func:`~metaprep.tune.trial.sweep_trial`) on Ray Tune; returns Tune's ResultGrid."""
     from ray import tune
     from ray.tune.search import Searcher
 
+    from metaprep.tune.progress import SweepProgress
     from metaprep.tune.trial import sweep_trial
 
     search_alg = _searcher(spec, concurrent)
-    scheduler = None
-    if spec.asha.enabled:
-        from ray.tune.schedulers import ASHAScheduler
-
-        grace = min(spec.asha.grace_period or cfg.meta.eval_every, cfg.meta.meta_steps)
-        scheduler = ASHAScheduler(time_attr="meta_step", max_t=cfg.meta.meta_steps, grace_period=grace,
-                                  reduction_factor=spec.asha.reduction_factor)
+    scheduler, asha_line = asha_scheduler(cfg, spec)
     sweep_name = ctx["sweep_name"]
-    log(f"metaprep: {spec.num_samples} trials, up to {concurrent} at once, searcher {spec.searcher}, "
-        f"ASHA {'on' if scheduler else 'off'}; Tune results under {storage / sweep_name}")
+    log(f"metaprep: {spec.num_samples} trials, up to {concurrent} at once, searcher {spec.searcher}; "
+        f"Tune results under {storage / sweep_name}")
+    log(asha_line)
     # The trial function only drives its Train run: no CPU (Tune refuses an empty request, so it reserves a
     # little memory), or trial drivers would hold the CPUs their own Train workers wait for.
     trainable = tune.with_resources(tune.with_parameters(sweep_trial, ctx=ctx),
@@ -258,7 +273,8 @@ def _tune(cfg: MetaTrainConfig, spec: SweepSpec, concurrent: int, ctx: dict, sto
             max_concurrent_trials=concurrent if isinstance(search_alg, Searcher) else None,
             trial_name_creator=lambda t: f"trial-{t.trial_id}", trial_dirname_creator=lambda t: t.trial_id),
         run_config=tune.RunConfig(name=sweep_name, storage_path=str(storage), verbose=1,
-                                  failure_config=tune.FailureConfig(max_failures=0)),
+                                  failure_config=tune.FailureConfig(max_failures=0),
+                                  callbacks=[SweepProgress(spec.num_samples, log)]),
     )
     return tuner.fit()
 
@@ -282,8 +298,11 @@ def _summarise(grid, spec: SweepSpec, client, ctx: dict, folder: Path, log) -> t
             + " ".join(f"{k}={_fmt(v)}" for k, v in t.params.items()) + (f"  ({t.error})" if t.error else ""))
 
     plot = plot_sweep(trials, spec, folder / "sweep_lr.png")
+    plot_artifact = None
     if plot is not None:
         client.log_artifact(parent, str(plot))
+        plot_artifact = f"{client.get_run(parent).info.artifact_uri}/{plot.name}"
+        log(f"metaprep: sweep plot {plot} (MLflow artifact {plot_artifact})")
 
     completed = [t for t in trials if t.status == "completed" and t.metric is not None and t.export_path]
     best = min(completed, key=lambda t: t.metric) if completed else None
@@ -291,7 +310,7 @@ def _summarise(grid, spec: SweepSpec, client, ctx: dict, folder: Path, log) -> t
     if best is not None:
         client.set_tag(parent, "sweep.best_trial", best.trial_id)
         client.set_tag(parent, "sweep.best_run_id", best.run_id or "")
-        client.set_tag(parent, "sweep.best_config", json.dumps(best.params, sort_keys=True))
+        client.set_tag(parent, "sweep.best_config", tag_json(best.params))
         client.log_metric(parent, "best_" + METRIC, best.metric)
     summary = {
         "sweep_name": ctx["sweep_name"], "parent_run_id": parent, "experiment_id": ctx["experiment_id"],
@@ -301,15 +320,16 @@ def _summarise(grid, spec: SweepSpec, client, ctx: dict, folder: Path, log) -> t
         "best_config": best.params if best else None, "best_metric": best.metric if best else None,
         "best_trial": best.trial_id if best else None, "best_run_id": best.run_id if best else None,
         "metric": METRIC, "mode": spec.mode, "registered_version": None,
-        "searcher": spec.searcher, "asha": spec.asha.enabled,
+        "searcher": spec.searcher, "asha": spec.asha.enabled, "asha_off_reason": spec.asha.off_reason,
+        "plot": str(plot) if plot else None, "plot_artifact": plot_artifact,
         "ray_job_id": ray.get_runtime_context().get_job_id(), "storage": str(folder),
         "trials": [t.to_dict() for t in trials]}
     return summary, best
 
 
-def _register_best(best: TrialOutcome, base: dict, split, data_fp: str, client, ctx: dict) -> dict:
+def _register_best(best: TrialOutcome, base: dict, split, data_fp: str, client, ctx: dict, log) -> dict:
     """Register the best trial's export (alias ``candidate``) and let it challenge the champion."""
-    from metaprep.registry.promotion import compare_and_promote
+    from metaprep.registry.promotion import compare_and_promote, verdict
     from metaprep.registry.register import KINDS, register_prepared
 
     uri, parent = ctx["uri"], ctx["parent_run_id"]
@@ -324,7 +344,11 @@ def _register_best(best: TrialOutcome, base: dict, split, data_fp: str, client, 
         client.set_model_version_tag(f"{best_cfg.registry.name}-{kind}", uris[f"{kind}_version"], "sweep",
                                      ctx["sweep_name"])
     comparison = compare_and_promote(uri, best_cfg, split, uris, export)
-    promoted = bool(comparison.get("promoted"))
+    promoted = bool(comparison["promoted"])
+    log(f"metaprep: registered {best_cfg.registry.name}-base/-controller v{uris['base_version']} (alias candidate, "
+        f"trial {best.trial_id}); {verdict(comparison)}")
+    log(f"metaprep: meta-val episodes {comparison['metric']}; rule and history: python -m jobs.promote "
+        f"--name {best_cfg.registry.name}")
     client.set_tag(parent, "sweep.registered_version", uris["base_version"])
     client.set_tag(parent, "sweep.promoted", str(promoted).lower())
     return {"registered_version": uris["base_version"], "base_uri": uris["base"], "controller_uri": uris["controller"],

@@ -25,6 +25,7 @@ from typing import Any
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from metaprep.registry.client import mlflow_client
+from metaprep.registry.promotion import tag_json
 from metaprep.tune.space import METRIC, trial_config
 
 _STATE_FILE = "trainer_state.json"  # written by metaprep.train.loop into every checkpoint
@@ -95,7 +96,7 @@ def sweep_trial(params: dict, ctx: dict) -> None:
                     experiment_id=ctx["experiment_id"], run_name=tctx.get_trial_name(), tags={
                         "mlflow.parentRunId": ctx["parent_run_id"], "sweep.name": ctx["sweep_name"],
                         "sweep.trial_id": trial_id, "sweep.status": "running",
-                        "sweep.params": json.dumps(params, sort_keys=True)})
+                        "sweep.params": tag_json(params)})
     client = run.client
     try:
         result = fit(run, callbacks=[MetaValReportCallback(run.run_id, run.uri)])

@@ -11,6 +11,8 @@ an op of the model (data-dependent control flow), the same episode runs in a loo
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
@@ -85,5 +87,7 @@ def meta_losses(plain: PlainMetaModel, support: TaskBatch, query: TaskBatch, tau
                        second_order)
 
     if use_vmap:
-        return vmap(one, in_dims=tuple(None if t is None else 0 for t in tensors))(*tensors)
+        with warnings.catch_warnings():  # ops without a batching rule (CPU flash attention) run per task, as designed
+            warnings.filterwarnings("ignore", message=".*performance drop.*")
+            return vmap(one, in_dims=tuple(None if t is None else 0 for t in tensors))(*tensors)
     return torch.stack([one(*(None if t is None else t[i] for t in tensors)) for i in range(support.num_tasks)])

@@ -5,14 +5,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import sys
-import time
 from pathlib import Path
 
 from metaprep.config import MetaTrainConfig, load_config, load_yaml
 from metaprep.errors import ConfigError
 from metaprep.meta.algorithm import ALGORITHMS as REGISTERED
 from metaprep.meta.algorithm import algorithm_names
+from metaprep.progress import say
 
 # the episodic algorithms of the registry (adapt on support, loss on query): fomaml, maml, mltd_tarp, mltd
 ALGORITHMS = algorithm_names(episodic=True)
@@ -154,4 +153,5 @@ def meta_config(model: ModelPlan, algorithm: str, inner_steps: int, precision: s
 
 
 def log(msg: str) -> None:
-    print(f"[throughput {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+    """A line of the suite's progress on stdout (:func:`metaprep.progress.say`)."""
+    say("throughput", msg)

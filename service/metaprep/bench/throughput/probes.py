@@ -18,11 +18,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from metaprep.bench.throughput.plan import MEMORY_ORDERS, META_BATCH, ModelPlan, Plan, log, meta_config
+from metaprep.bench.throughput.plan import MEMORY_ORDERS, META_BATCH, ModelPlan, Plan, meta_config
 from metaprep.bench.throughput.setup import Setup
 from metaprep.config import MetaTrainConfig, from_dict, to_dict
 from metaprep.models.base import load_base_model
-from metaprep.runtime import configure_process, use_loopback_ray
+from metaprep.progress import Progress
+from metaprep.runtime import configure_process, use_loopback_ray, use_stack_token
 
 
 def _probe(mode: str, payload: dict, timeout: float) -> dict:
@@ -84,10 +85,12 @@ def _ray_main(payload: dict) -> dict:
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     import ray
 
+    from metaprep.train.launch import state_dir
     from metaprep.train.ray_job import build_trainer
 
     cfg = from_dict(MetaTrainConfig, payload["cfg"]).validate()
     use_loopback_ray(payload.get("address", "auto"))
+    use_stack_token(state_dir())  # the probe's cluster is on this machine (the stack's, or its own)
     ray.init(address=payload.get("address", "auto"), log_to_driver=False)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="metaprep-throughput-") as storage:
@@ -98,6 +101,7 @@ def _ray_main(payload: dict) -> dict:
 
 
 PROBES = {"memory": _memory_main, "local": _local_main, "ray": _ray_main}
+FRAMEWORK_LAUNCHES = (("plain_process", 1), ("ray_train", 1), ("ray_train", 2))  # (launcher, workers)
 
 
 def _tracking_store(tmp: Path) -> str:
@@ -114,7 +118,7 @@ def _tracking_store(tmp: Path) -> str:
     return f"sqlite:///{tmp / 'throughput-mlflow.db'}"
 
 
-def framework_overhead(plan: Plan, model: ModelPlan, plain_step_s: float) -> dict:
+def framework_overhead(plan: Plan, model: ModelPlan, plain_step_s: float, progress: Progress) -> dict:
     """The worker loop's step time in a plain process and in Ray Train with 1 and 2 workers.
 
     ``plain_step_s``: the in-process ``batched`` step of the same configuration (the same meta-step
@@ -127,8 +131,7 @@ def framework_overhead(plan: Plan, model: ModelPlan, plain_step_s: float) -> dic
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name("metaprep-throughput")
     exp_id = exp.experiment_id if exp else client.create_experiment("metaprep-throughput")
-    launches = [("plain_process", 1, plan.threads), ("ray_train", 1, plan.threads),
-                ("ray_train", 2, max(1, plan.threads // 2))]
+    launches = [(launcher, workers, max(1, plan.threads // workers)) for launcher, workers in FRAMEWORK_LAUNCHES]
     out = {"model": model.label, "algorithm": "fomaml", "tracking_uri": uri.split("?")[0],
            "plain_torch_step_s": plain_step_s, "launches": []}
     for launcher, workers, threads in launches:
@@ -138,8 +141,10 @@ def framework_overhead(plan: Plan, model: ModelPlan, plain_step_s: float) -> dic
         run = client.create_run(exp_id, run_name=f"throughput-{launcher}-{workers}w",
                                 tags={"suite": "throughput", "launcher": launcher})
         payload = {"cfg": to_dict(cfg), "tracking": {"uri": uri, "run_id": run.info.run_id}, "threads": threads}
-        log(f"framework: {launcher} x{workers}")
+        unit = f"framework {launcher} x{workers}"
+        progress.start(unit)
         info = _probe("local" if launcher == "plain_process" else "ray", payload, timeout=600)
+        progress.done(unit, f"FAILED: {info['error']}" if info.get("error") else "")
         client.set_terminated(run.info.run_id, "FINISHED" if "error" not in info else "FAILED")
         history = sorted(client.get_metric_history(run.info.run_id, "step_time_s"), key=lambda m: m.step)
         times = [m.value for m in history][1:]  # the first meta-step is the warm-up
@@ -156,7 +161,7 @@ def framework_overhead(plan: Plan, model: ModelPlan, plain_step_s: float) -> dic
     return out
 
 
-def memory_sweep(plan: Plan) -> list[dict]:
+def memory_sweep(plan: Plan, progress: Progress) -> list[dict]:
     """Peak RSS of one batched meta-step per (order, inner steps), each in a fresh 1-thread process.
 
     Memory does not depend on timing, so the probes run ``plan.memory_parallel`` at a time.
@@ -166,13 +171,16 @@ def memory_sweep(plan: Plan) -> list[dict]:
     model = next((m for m in plan.models if m.label == plan.memory_model), plan.models[0])
     jobs = [(order, algorithm, k) for order, algorithm in MEMORY_ORDERS
             for k in plan.memory_inner_steps]
-    log(f"memory {model.label}: {len(jobs)} probes, {plan.memory_parallel} at a time")
+    progress.say(f"memory {model.label}: {len(jobs)} probes, {plan.memory_parallel} at a time")
 
     def one(job):
         order, algorithm, k = job
         size = plan.memory_meta_batch or model.meta_batch
+        unit = f"memory {model.label} {algorithm} inner steps {k} T={size}"
+        progress.start(unit)
         info = _probe("memory", {"model": dataclasses.asdict(model), "algorithm": algorithm, "inner_steps": k,
                                  "threads": 1, "meta_batch": size}, timeout=900)
+        progress.done(unit, f"FAILED: {info['error']}" if info.get("error") else "")
         return {"model": model.label, "order": order, "algorithm": algorithm, "inner_steps": k, "meta_batch": size,
                 **info}
 

