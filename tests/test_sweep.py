@@ -205,6 +205,7 @@ def _other_jobs_running(ray, job_ids: set[str]) -> bool:
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # 90 s: runs in `make test-faults` (CI)
 def test_sweep_on_local_stack(tmp_path, live_ray):
     """4 trials (one forced NaN) of a very short tiny recipe through jobs.sweep, checked in MLflow and Ray."""
     ray = live_ray
