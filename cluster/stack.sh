@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Local stack: a Ray head on 127.0.0.1 (dashboard/job server :8265) and an MLflow tracking
-# server (SQLite backend store, local artifact root) on 127.0.0.1:${MLFLOW_PORT:-5000}.
+# server (SQLite backend store; it owns the artifacts and serves them over HTTP) on 127.0.0.1:${MLFLOW_PORT:-5000}.
 #   bash cluster/stack.sh up|down|status
 # Idempotent: `up` reuses healthy servers that are already running from this state folder.
 set -euo pipefail
@@ -86,10 +86,11 @@ up_mlflow() {
   mkdir -p "$STATE/mlartifacts"
   nohup mlflow server --host "$HOST" --port "$MLFLOW_PORT" --workers 1 \
     --backend-store-uri "sqlite:///$STATE/mlflow.db" \
-    --default-artifact-root "$STATE/mlartifacts" > "$STATE/mlflow.log" 2>&1 &
+    --serve-artifacts --artifacts-destination "$STATE/mlartifacts" > "$STATE/mlflow.log" 2>&1 &
   echo $! > "$STATE/mlflow.pid"
   wait_for "MLflow server" mlflow_healthy 120 "$STATE/mlflow.log"
-  echo "mlflow: up ($MLFLOW_URI, backend sqlite:///$STATE/mlflow.db, artifacts $STATE/mlartifacts)"
+  # clients log and load artifacts through the server (mlflow-artifacts:/...), never by a path of this machine
+  echo "mlflow: up ($MLFLOW_URI, backend sqlite:///$STATE/mlflow.db, artifacts served from $STATE/mlartifacts)"
 }
 
 down() {

@@ -15,14 +15,50 @@ def _job_refs(text: str) -> list[tuple[str, str | None]]:
             re.finditer(r"python -m (jobs\.\w+)(\s+--config\s+(\S+))?", text)]
 
 
+def _kuberay() -> dict[str, dict]:
+    return {d["kind"]: d for d in yaml.safe_load_all((ROOT / "cluster" / "kuberay-rayjob.yaml").read_text())}
+
+
 def test_kuberay_rayjob_runs_an_existing_job_and_recipe() -> None:
-    doc = yaml.safe_load((ROOT / "cluster" / "kuberay-rayjob.yaml").read_text())
-    assert doc["kind"] == "RayJob" and doc["apiVersion"].startswith("ray.io/")
+    doc = _kuberay()["RayJob"]
+    assert doc["apiVersion"].startswith("ray.io/")
     refs = _job_refs(doc["spec"]["entrypoint"])
     assert refs and all((ROOT / (mod.replace(".", "/") + ".py")).exists() for mod, _ in refs)
     assert all((ROOT / cfg).exists() for _, cfg in refs if cfg)
-    head = doc["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
-    assert head["envFrom"][0]["configMapRef"]["name"] == "metaprep-mlflow"  # tracking URI from the environment
+
+
+def test_kuberay_pods_share_mlflow_storage_and_data_from_the_environment() -> None:
+    """Issue 21: every pod (head and workers) gets the MLflow URI and a storage URI from one ConfigMap, the storage
+    credentials from an optional Secret, and the data volume; the storage is one every pod reaches."""
+    docs = _kuberay()
+    env = docs["ConfigMap"]["data"]
+    assert env["MLFLOW_TRACKING_URI"].startswith("http")  # the server, never a file store
+    assert "://" in env["METAPREP_STORAGE_PATH"] and not env["METAPREP_STORAGE_PATH"].startswith("file:")
+    spec = docs["RayJob"]["spec"]["rayClusterSpec"]
+    pods = [spec["headGroupSpec"]["template"]["spec"], *(g["template"]["spec"] for g in spec["workerGroupSpecs"])]
+    for pod in pods:
+        container = pod["containers"][0]
+        refs = {(k, v["name"]) for e in container["envFrom"] for k, v in e.items()}
+        assert refs == {("configMapRef", docs["ConfigMap"]["metadata"]["name"]), ("secretRef", "metaprep-storage")}
+        mount = container["volumeMounts"][0]
+        assert mount["mountPath"] == env["METAPREP_DATA_DIR"]
+        assert any(v["name"] == mount["name"] for v in pod["volumes"])
+    from metaprep.train.launch import STORAGE_ENV
+
+    assert STORAGE_ENV == "METAPREP_STORAGE_PATH"
+
+
+def test_mlflow_server_owns_its_artifacts_everywhere() -> None:
+    """The local stack, the Kubernetes server and the cluster launcher's head all serve artifacts (proxied), so no
+    client writes into the server's folder directly."""
+    docs = {d["kind"]: d for d in yaml.safe_load_all((ROOT / "cluster" / "mlflow-server.yaml").read_text())}
+    args = " ".join(docs["Deployment"]["spec"]["template"]["spec"]["containers"][0]["args"])
+    launcher = (ROOT / "cluster" / "ray-cluster.yaml").read_text()
+    stack = (ROOT / "cluster" / "stack.sh").read_text()
+    for text in (args, launcher, stack):
+        assert "--serve-artifacts" in text and "--artifacts-destination" in text
+        assert "--default-artifact-root" not in text
+    assert docs["Service"]["spec"]["ports"][0]["port"] == 5000
 
 
 def test_cluster_launcher_uses_the_image_and_job_server_port() -> None:
@@ -31,6 +67,12 @@ def test_cluster_launcher_uses_the_image_and_job_server_port() -> None:
     assert any("--dashboard-port=8265" in c for c in doc["head_start_ray_commands"])
     text = (ROOT / "cluster" / "ray-cluster.yaml").read_text()
     assert all((ROOT / cfg).exists() for _, cfg in _job_refs(text) if cfg)
+    options = " ".join(doc["docker"]["run_options"])
+    for key in ("MLFLOW_TRACKING_URI", "METAPREP_STORAGE_PATH", "METAPREP_DATA_DIR"):
+        assert f"-e {key}" in options, key  # every node gets them from the environment of `ray up`
+    shared = re.search(r"-v (\S+):(\S+)", options)
+    assert shared and shared.group(1) == shared.group(2)  # the shared mount is at the same path everywhere
+    assert any(shared.group(1) in c for c in doc["initialization_commands"])
 
 
 def test_dockerfile_installs_torch_first_and_the_package() -> None:

@@ -169,7 +169,8 @@ def test_ray_workers_get_the_quiet_settings_and_the_state_folder(monkeypatch, tm
     assert env["TRANSFORMERS_VERBOSITY"] == "info"
     assert {k: v for k, v in env.items() if k in QUIET_ENV and k != "TRANSFORMERS_VERBOSITY"} == {
         k: v for k, v in QUIET_ENV.items() if k != "TRANSFORMERS_VERBOSITY"}
-    assert Path(env["PYTHONPATH"]) == ROOT / "service"
+    # the package travels through Ray (any node), not as a path of this machine
+    assert "PYTHONPATH" not in env and seen["runtime_env"]["py_modules"] == [str(ROOT / "service" / "metaprep")]
 
 
 def test_state_dir_env_then_the_checkout_then_home(monkeypatch, tmp_path) -> None:
@@ -177,7 +178,7 @@ def test_state_dir_env_then_the_checkout_then_home(monkeypatch, tmp_path) -> Non
 
     monkeypatch.setenv("METAPREP_STATE_DIR", str(tmp_path / "s"))
     assert launch.state_dir() == tmp_path / "s"
-    assert launch.storage_root(MetaTrainConfig()) == (tmp_path / "s" / "ray_results").resolve()
+    assert launch.storage_root(MetaTrainConfig()).root == str((tmp_path / "s" / "ray_results").resolve())
     monkeypatch.delenv("METAPREP_STATE_DIR")
     checkout = tmp_path / "repo"
     (checkout / ".git").mkdir(parents=True)
@@ -200,6 +201,6 @@ def test_every_default_state_path_comes_from_state_dir() -> None:
               if re.search(r"METAPREP_STATE_DIR|[\"']\.metaprep[\"']|[\"']ray_results[\"']", path.read_text())]
     assert owners == ["service/metaprep/train/launch.py"], owners
     sweep = (ROOT / "service/metaprep/tune/sweep.py").read_text()
-    assert "storage = storage_root(cfg)" in sweep and "storage_path=str(storage)" in sweep
+    assert "storage = storage_root(cfg)" in sweep and "storage_path=storage.ray_storage[0]" in sweep
     assert "export METAPREP_STATE_DIR ?= $(CURDIR)/.state" in (ROOT / "Makefile").read_text()
     assert 'STATE="${METAPREP_STATE_DIR:-$ROOT/.state}"' in (ROOT / "cluster/stack.sh").read_text()

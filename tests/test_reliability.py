@@ -71,7 +71,8 @@ def _free_port() -> int:
 def _start_mlflow(port: int, state: Path) -> subprocess.Popen:
     proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
                              "--port", str(port), "--workers", "1", "--backend-store-uri",
-                             f"sqlite:///{state}/mlflow.db", "--default-artifact-root", str(state / "artifacts")],
+                             f"sqlite:///{state}/mlflow.db", "--serve-artifacts", "--artifacts-destination",
+                             str(state / "artifacts")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300  # a cold `mlflow server` start takes a minute on a busy 2-core box
     while time.time() < deadline:

@@ -156,6 +156,10 @@ class DistributedConfig:
                            choices=("fp32", "bf16", "auto"))
     cpus_per_worker: int = _help("CPUs reserved per worker", 1)
     torch_threads: int = _help("torch intra-op threads per worker (0 = cpus_per_worker)", 0)
+    placement_strategy: str = _help(
+        "how Ray places the workers on a cluster's nodes: PACK (fewest nodes), SPREAD (across nodes), "
+        "STRICT_SPREAD (one worker per node), STRICT_PACK (all on one node)", "PACK",
+        choices=("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK"))
     activation_checkpointing: bool = _help(
         "recompute each decoder layer's activations in backward (inner loop and outer step; second order "
         "included): less memory for about a third more compute; ZeRO stages 1-2", False)
@@ -173,7 +177,9 @@ class DistributedConfig:
 @dataclass
 class CheckpointConfig:
     every: int = _help("meta-steps between checkpoints (0 = only at the end)", 0)
-    storage_path: str | None = _help("Ray Train storage path (default: <state>/ray_results)", None)
+    storage_path: str | None = _help(
+        "where runs and checkpoints live: a folder (on a cluster, one every node mounts at the same path) or "
+        "a URI such as s3://bucket/prefix (default: $METAPREP_STORAGE_PATH, else <state>/ray_results)", None)
     keep: int = _help("checkpoints to keep", 2)
     max_failures: int = _help("worker failures Ray Train recovers from (FailureConfig)", 2)
     select: str = _help("weights to register: 'best' meta-val evaluation (meta.eval_every) or 'last' step",

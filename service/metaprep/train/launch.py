@@ -10,12 +10,12 @@ and :func:`new_run_name`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
 import os
-import shutil
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -26,6 +26,7 @@ from typing import Any
 from metaprep.config import MetaTrainConfig, flatten
 from metaprep.errors import ConfigError, MetaprepError, TrainingDivergedError
 from metaprep.runtime import quiet_env, use_loopback_ray, use_stack_token
+from metaprep.train.storage import Storage, credentials_env
 
 RUN_FILE = "metaprep_run.json"  # {run_id, tracking_uri}: how --resume finds the MLflow run of a Ray run
 STATUS_FILE = "metaprep_final.json"  # the final metrics, written by the rank-0 worker (a diverged run included)
@@ -60,9 +61,13 @@ def state_dir() -> Path:
     return Path.home() / ".metaprep"
 
 
-def storage_root(cfg: MetaTrainConfig) -> Path:
-    """The Ray storage path of ``cfg``'s runs: ``checkpoint.storage_path`` or the state folder's ``ray_results``."""
-    return Path(cfg.checkpoint.storage_path or state_dir() / "ray_results").resolve()
+STORAGE_ENV = "METAPREP_STORAGE_PATH"  # a cluster's shared storage, set once for every job (cluster/*.yaml)
+
+
+def storage_root(cfg: MetaTrainConfig) -> Storage:
+    """Where ``cfg``'s runs live: ``checkpoint.storage_path`` (a folder or a URI), else ``$METAPREP_STORAGE_PATH``,
+    else the state folder's ``ray_results`` (one machine)."""
+    return Storage.of(cfg.checkpoint.storage_path or os.environ.get(STORAGE_ENV) or state_dir() / "ray_results")
 
 
 def new_run_name(prefix: str) -> str:
@@ -108,11 +113,29 @@ def check_cluster_fits(cfg: MetaTrainConfig, resources: dict[str, float], what: 
 
 
 def worker_runtime_env() -> dict:
-    """The job-level runtime env of every Ray worker this driver starts (Train workers, Tune trials): ``service/``
-    importable, the third-party output turned off (:func:`metaprep.runtime.quiet_env`) and the state folder.
-    A task's or actor's own ``env_vars`` (Ray Train's ``worker_runtime_env``) are merged into these."""
-    return {"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[2]), **quiet_env(),
-                         STATE_ENV: str(state_dir())}}
+    """The job-level runtime env of every Ray worker this driver starts (Train workers, Tune trials): the
+    ``metaprep`` package shipped by Ray (``py_modules``: uploaded to the cluster once per content, unpacked on
+    every node that runs a worker, so a node needs the image's packages but no copy of this checkout), the
+    third-party output turned off (:func:`metaprep.runtime.quiet_env`), the storage credentials (Ray Train's
+    controller and every worker open the run storage) and the state folder. A task's or actor's
+    own ``env_vars`` (Ray Train's ``worker_runtime_env``) are merged into these."""
+    import metaprep
+
+    return {"py_modules": [str(Path(metaprep.__file__).resolve().parent)], "env_vars": {
+        **quiet_env(), **credentials_env(), STATE_ENV: str(state_dir())}}
+
+
+def without_the_jobs_own(env: dict) -> dict:
+    """``env`` (a driver's runtime env) less the fields and env vars that the submitted job's own runtime env
+    already sets for every worker (``ray job submit --runtime-env-json``): Ray refuses a driver runtime env that
+    repeats any of them, and the user's choice is the one to keep."""
+    try:
+        job = (json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}").get("runtime_env") or {})
+    except (ValueError, AttributeError):
+        return env
+    out = {k: v for k, v in env.items() if k == "env_vars" or k not in job}
+    out["env_vars"] = {k: v for k, v in env.get("env_vars", {}).items() if k not in (job.get("env_vars") or {})}
+    return out
 
 
 def init_ray(log_to_driver: bool) -> None:
@@ -131,7 +154,7 @@ def init_ray(log_to_driver: bool) -> None:
         address = "auto"
     try:
         # Ray's INFO lines ("Started a local Ray instance") would sit on stderr beside a job's one-line error
-        ray.init(address=address, log_to_driver=log_to_driver, runtime_env=worker_runtime_env(),
+        ray.init(address=address, log_to_driver=log_to_driver, runtime_env=without_the_jobs_own(worker_runtime_env()),
                  logging_level=logging.WARNING)
     except ConnectionError as exc:
         raise MetaprepError(f"cannot connect to the Ray cluster ({str(exc).splitlines()[0]}); start it with "
@@ -145,6 +168,11 @@ def connect_ray(cfg: MetaTrainConfig, log_to_driver: bool) -> dict[str, float]:
     init_ray(log_to_driver)
     resources = ray.cluster_resources()
     check_cluster_fits(cfg, resources)
+    d = cfg.distributed
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    if d.placement_strategy == "STRICT_SPREAD" and nodes < d.num_workers:
+        _say(f"metaprep: distributed.placement_strategy=STRICT_SPREAD places one worker per node: "
+             f"{d.num_workers} workers, {nodes} node(s) now; the run waits until the cluster has {d.num_workers}")
     return resources
 
 
@@ -154,17 +182,16 @@ class TrainingRun:
 
     cfg: MetaTrainConfig
     name: str
-    storage: Path
+    storage: Storage  # the storage root; the run is its folder ``name``
     uri: str
     run_id: str
     client: Any  # metaprep.registry.client.RetryingClient
 
-    @property
-    def folder(self) -> Path:
-        return self.storage / self.name
+    def has_checkpoint(self) -> bool:
+        return any(n.startswith("checkpoint_") for n in self.storage.names(self.name))
 
 
-def start_run(cfg: MetaTrainConfig, uri: str, name: str, storage: Path, *, experiment_id: str | None = None,
+def start_run(cfg: MetaTrainConfig, uri: str, name: str, storage: Storage, *, experiment_id: str | None = None,
               run_name: str | None = None, tags: dict[str, str] | None = None) -> TrainingRun:
     """Create the MLflow run of a new training run (``experiment_id``: default ``cfg.tracking.experiment``),
     log the whole configuration as params and record the run id next to the Ray run (for ``--resume``)."""
@@ -177,23 +204,26 @@ def start_run(cfg: MetaTrainConfig, uri: str, name: str, storage: Path, *, exper
         "algorithm": cfg.algorithm, "ray_run_name": name, **(tags or {})}).info.run_id
     log_params(client, run_id, flatten(dataclasses.asdict(cfg)))
     run = TrainingRun(cfg, name, storage, uri, run_id, client)
-    run.folder.mkdir(parents=True, exist_ok=True)
-    (run.folder / RUN_FILE).write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}))
+    storage.write_json({"run_id": run_id, "tracking_uri": uri}, name, RUN_FILE)
     return run
 
 
-def reopen_run(cfg: MetaTrainConfig, uri: str, name: str, storage: Path) -> TrainingRun:
+def reopen_run(cfg: MetaTrainConfig, uri: str, name: str, storage: Storage) -> TrainingRun:
     """The stopped run ``name`` under ``storage``, to continue from its latest checkpoint."""
     from metaprep.registry.client import mlflow_client, run_exists
 
-    run_file = storage / name / RUN_FILE
-    if not run_file.is_file():
+    try:
+        record = storage.read_json(name, RUN_FILE)
+    except (OSError, ValueError):
+        record = {}
+    if record is None:
         raise MetaprepError(f"--resume {name}: no such run under {storage} (run names are printed at start "
                             f"and stored in the summary JSON)")
     try:
-        run_id = str(json.loads(run_file.read_text())["run_id"])
-    except (OSError, ValueError, KeyError, TypeError):
-        raise MetaprepError(f"--resume {name}: {run_file} is unreadable or has no run_id") from None
+        run_id = str(record["run_id"])
+    except (KeyError, TypeError):
+        raise MetaprepError(f"--resume {name}: {storage.uri(name, RUN_FILE)} is unreadable or has no "
+                            f"run_id") from None
     client = mlflow_client(uri)
     if not run_exists(client, run_id):
         raise MetaprepError(f"--resume {name}: its MLflow run {run_id} is not in the tracking store {uri}; "
@@ -204,7 +234,8 @@ def reopen_run(cfg: MetaTrainConfig, uri: str, name: str, storage: Path) -> Trai
 @dataclass
 class FitResult:
     final: dict  # the worker loop's final metrics (meta_steps, meta_val_loss_start/_end/_curve, diverged_at)
-    export: str | None  # the final checkpoint: the exported base/ and controller/ (None when diverged)
+    # the final checkpoint (the exported base/ and controller/), relative to the storage root; None when diverged
+    export: str | None
 
     @property
     def diverged(self) -> bool:
@@ -242,10 +273,11 @@ def fit(run: TrainingRun, callbacks: Sequence[Any] = ()) -> FitResult:
     """
     from metaprep.train.ray_job import build_trainer
 
-    status_file = run.folder / STATUS_FILE
-    status_file.unlink(missing_ok=True)
-    trainer = build_trainer(run.cfg, run.name, str(run.storage), {"uri": run.uri, "run_id": run.run_id},
-                            str(status_file))
+    status = (run.name, STATUS_FILE)
+    if run.storage.exists(*status):
+        run.storage.fs.delete_file(run.storage.path(*status))
+    trainer = build_trainer(run.cfg, run.name, run.storage, {"uri": run.uri, "run_id": run.run_id},
+                            (run.storage.root, "/".join(status)))
     trainer.run_config.callbacks.extend(callbacks)
     try:
         ray_result = trainer.fit()
@@ -253,11 +285,11 @@ def fit(run: TrainingRun, callbacks: Sequence[Any] = ()) -> FitResult:
         run.client.set_terminated(run.run_id, "FAILED")
         raise
     # Ray returns the metrics of the last *checkpointed* report, and a diverged run's final report has no
-    # checkpoint: the rank-0 worker's status file has them (when it ran on this node)
-    final = json.loads(status_file.read_text()) if status_file.exists() else dict(ray_result.metrics or {})
+    # checkpoint: the rank-0 worker wrote them to the run's storage, from whichever node it ran on
+    final = run.storage.read_json(*status) or dict(ray_result.metrics or {})
     result = FitResult(final, None)
     if not result.diverged and ray_result.checkpoint is not None:
-        result.export = ray_result.checkpoint.path
+        result.export = run.storage.relative(ray_result.checkpoint.path)
     return result
 
 
@@ -265,8 +297,9 @@ def discard(run: TrainingRun, *, fresh: bool) -> None:
     """A run that failed for a reason the user must fix: its MLflow run ``FAILED`` and, when this job created
     it (not ``--resume``) and it holds no checkpoint to resume from, its Ray results folder removed."""
     run.client.set_terminated(run.run_id, "FAILED")
-    if fresh and not any(run.folder.glob("checkpoint_*")):
-        shutil.rmtree(run.folder, ignore_errors=True)
+    if fresh and not run.has_checkpoint():
+        with contextlib.suppress(OSError):
+            run.storage.remove(run.name)
 
 
 def user_error(exc: BaseException) -> MetaprepError | None:
@@ -332,7 +365,8 @@ def launch_meta_training(cfg: MetaTrainConfig, *, resume: str | None = None,
             raise
         discard(run, fresh=not resume)
         if cause is None:
-            kept = (f"; continue from its last checkpoint with --resume {run.name}" if run.folder.exists() else "")
+            kept = (f"; continue from its last checkpoint with --resume {run.name}" if run.storage.exists(run.name)
+                    else "")
             cause = MetaprepError(f"{crash} (its traceback is in the worker log above and in `ray job logs`); the "
                                   f"MLflow run {run.run_id} is marked FAILED{kept}")
         raise cause from None
@@ -357,7 +391,8 @@ def launch_meta_training(cfg: MetaTrainConfig, *, resume: str | None = None,
     if cfg.registry.register:
         from metaprep.registry.register import register_prepared
 
-        uris = register_prepared(uri, run.run_id, Path(result.export), cfg, final, data_fp, json.dumps(config))
+        with run.storage.local_dir(result.export) as export:  # a temporary copy when the storage is remote
+            uris = register_prepared(uri, run.run_id, export, cfg, final, data_fp, json.dumps(config))
         summary.update(base_uri=uris["base"], controller_uri=uris["controller"],
                        base_version=uris["base_version"], controller_version=uris["controller_version"])
     summary["wall_s"] = round(time.perf_counter() - t0, 2)

@@ -53,7 +53,9 @@ class WorkerEnv:
     report: Callable[[dict, Path | None], None]
     restore_dir: Path | None = None
     scratch: Path = Path("/tmp")
-    status_path: Path | None = None  # rank 0 writes the final metrics here (read by the driver)
+    # rank 0 hands the final metrics (a diverged run's too) to the driver; Ray's last checkpointed report lacks a
+    # diverged run's. Ray Train writes them to the run's storage (``train/storage.py``), on any node.
+    write_status: Callable[[dict], None] | None = None
 
 
 def load_split(cfg: MetaTrainConfig) -> TaskSplit:
@@ -68,10 +70,8 @@ def _all_reduce(values: list[float], world: int) -> list[float]:
 
 
 def _write_status(env: WorkerEnv, final: dict) -> None:
-    if env.rank == 0 and env.status_path is not None:
-        tmp = env.status_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(final))
-        tmp.replace(env.status_path)
+    if env.rank == 0 and env.write_status is not None:
+        env.write_status(final)
 
 
 def save_checkpoint(engine, folder: Path, step: int, history: dict, seed: int, rank: int, *,

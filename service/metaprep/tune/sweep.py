@@ -23,6 +23,7 @@ import dataclasses
 import json
 import math
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ from typing import Any
 from metaprep.config import MetaTrainConfig, flatten
 from metaprep.errors import ConfigError
 from metaprep.registry.promotion import tag_json
+from metaprep.train.storage import Storage
 from metaprep.tune.space import METRIC, SweepSpec, trial_config
 
 STATUSES = ("completed", "diverged", "early_stopped", "failed")
@@ -211,9 +213,9 @@ def run_sweep(cfg: MetaTrainConfig, base: dict, spec: SweepSpec, log=print) -> d
                 for r in spec.recommended))
         storage = storage_root(cfg)
         ctx = {"base": base, "uri": uri, "experiment_id": exp_id, "parent_run_id": parent,
-               "sweep_name": sweep_name, "train_storage": str(storage / sweep_name / "train")}
+               "sweep_name": sweep_name, "train_storage": storage.uri(sweep_name, "train")}
         grid = _tune(cfg, spec, concurrent, ctx, storage, log)
-        summary, best = _summarise(grid, spec, client, ctx, storage / sweep_name, log)
+        summary, best = _summarise(grid, spec, client, ctx, storage.child(sweep_name), log)
         summary.update(max_concurrent_trials=concurrent, data_fingerprint=data_fp)
         if best is not None and cfg.registry.register:
             summary.update(_register_best(best, base, split, data_fp, client, ctx, log))
@@ -246,7 +248,7 @@ def asha_scheduler(cfg: MetaTrainConfig, spec: SweepSpec):
                        f"not in the best 1/{rf:g} so far is stopped early")
 
 
-def _tune(cfg: MetaTrainConfig, spec: SweepSpec, concurrent: int, ctx: dict, storage: Path, log):
+def _tune(cfg: MetaTrainConfig, spec: SweepSpec, concurrent: int, ctx: dict, storage: Storage, log):
     """Run the trials (:func:`~metaprep.tune.trial.sweep_trial`) on Ray Tune; returns Tune's ResultGrid."""
     from ray import tune
     from ray.tune.search import Searcher
@@ -258,7 +260,7 @@ def _tune(cfg: MetaTrainConfig, spec: SweepSpec, concurrent: int, ctx: dict, sto
     scheduler, asha_line = asha_scheduler(cfg, spec)
     sweep_name = ctx["sweep_name"]
     log(f"metaprep: {spec.num_samples} trials, up to {concurrent} at once, searcher {spec.searcher}; "
-        f"Tune results under {storage / sweep_name}")
+        f"Tune results under {storage.uri(sweep_name)}")
     log(asha_line)
     # The trial function only drives its Train run: no CPU (Tune refuses an empty request, so it reserves a
     # little memory), or trial drivers would hold the CPUs their own Train workers wait for.
@@ -272,14 +274,15 @@ def _tune(cfg: MetaTrainConfig, spec: SweepSpec, concurrent: int, ctx: dict, sto
             num_samples=spec.num_samples,
             max_concurrent_trials=concurrent if isinstance(search_alg, Searcher) else None,
             trial_name_creator=lambda t: f"trial-{t.trial_id}", trial_dirname_creator=lambda t: t.trial_id),
-        run_config=tune.RunConfig(name=sweep_name, storage_path=str(storage), verbose=1,
+        run_config=tune.RunConfig(name=sweep_name, storage_path=storage.ray_storage[0],
+                                  storage_filesystem=storage.ray_storage[1], verbose=1,
                                   failure_config=tune.FailureConfig(max_failures=0),
                                   callbacks=[SweepProgress(spec.num_samples, log)]),
     )
     return tuner.fit()
 
 
-def _summarise(grid, spec: SweepSpec, client, ctx: dict, folder: Path, log) -> tuple[dict, TrialOutcome | None]:
+def _summarise(grid, spec: SweepSpec, client, ctx: dict, folder: Storage, log) -> tuple[dict, TrialOutcome | None]:
     """Each trial's outcome (its child run made to agree with it), the plot and the best completed trial:
     the summary dict and that trial (None when no trial completed)."""
     import ray
@@ -297,7 +300,9 @@ def _summarise(grid, spec: SweepSpec, client, ctx: dict, folder: Path, log) -> t
         log(f"  {t.trial_id}  {t.status:<13} {METRIC}={shown:<8} "
             + " ".join(f"{k}={_fmt(v)}" for k, v in t.params.items()) + (f"  ({t.error})" if t.error else ""))
 
-    plot = plot_sweep(trials, spec, folder / "sweep_lr.png")
+    # next to the Tune results when they are on this machine; else only in MLflow (from a temporary folder)
+    plot_dir = Path(folder.path()) if folder.is_local else Path(tempfile.mkdtemp(prefix="metaprep-sweep-"))
+    plot = plot_sweep(trials, spec, plot_dir / "sweep_lr.png")
     plot_artifact = None
     if plot is not None:
         client.log_artifact(parent, str(plot))
@@ -322,7 +327,7 @@ def _summarise(grid, spec: SweepSpec, client, ctx: dict, folder: Path, log) -> t
         "metric": METRIC, "mode": spec.mode, "registered_version": None,
         "searcher": spec.searcher, "asha": spec.asha.enabled, "asha_off_reason": spec.asha.off_reason,
         "plot": str(plot) if plot else None, "plot_artifact": plot_artifact,
-        "ray_job_id": ray.get_runtime_context().get_job_id(), "storage": str(folder),
+        "ray_job_id": ray.get_runtime_context().get_job_id(), "storage": folder.root,
         "trials": [t.to_dict() for t in trials]}
     return summary, best
 
@@ -337,13 +342,13 @@ def _register_best(best: TrialOutcome, base: dict, split, data_fp: str, client, 
     final = {"meta_steps": best.final.get("meta_steps_done") or best_cfg.meta.meta_steps,
              "meta_val_loss_start": best.final.get("meta_val_loss_start", math.nan),
              "meta_val_loss_end": best.metric}
-    export = Path(best.export_path)
-    uris = register_prepared(uri, best.run_id, export, best_cfg, final, data_fp,
-                             json.dumps(dataclasses.asdict(best_cfg)))
-    for kind in KINDS:
-        client.set_model_version_tag(f"{best_cfg.registry.name}-{kind}", uris[f"{kind}_version"], "sweep",
-                                     ctx["sweep_name"])
-    comparison = compare_and_promote(uri, best_cfg, split, uris, export)
+    with Storage(ctx["train_storage"]).local_dir(best.export_path) as export:  # a copy when remote
+        uris = register_prepared(uri, best.run_id, export, best_cfg, final, data_fp,
+                                 json.dumps(dataclasses.asdict(best_cfg)))
+        for kind in KINDS:
+            client.set_model_version_tag(f"{best_cfg.registry.name}-{kind}", uris[f"{kind}_version"], "sweep",
+                                         ctx["sweep_name"])
+        comparison = compare_and_promote(uri, best_cfg, split, uris, export)
     promoted = bool(comparison["promoted"])
     log(f"metaprep: registered {best_cfg.registry.name}-base/-controller v{uris['base_version']} (alias candidate, "
         f"trial {best.trial_id}); {verdict(comparison)}")

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 from typing import Any
 
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from metaprep.registry.client import mlflow_client
 from metaprep.registry.promotion import tag_json
+from metaprep.train.storage import Storage
 from metaprep.tune.space import METRIC, trial_config
 
 _STATE_FILE = "trainer_state.json"  # written by metaprep.train.loop into every checkpoint
@@ -92,7 +92,7 @@ def sweep_trial(params: dict, ctx: dict) -> None:
     tctx = ray.tune.get_context()
     trial_id = tctx.get_trial_id()
     cfg = trial_config(ctx["base"], params, source=f"trial {trial_id}")
-    run = start_run(cfg, ctx["uri"], f"{ctx['sweep_name']}-{trial_id}", Path(ctx["train_storage"]),
+    run = start_run(cfg, ctx["uri"], f"{ctx['sweep_name']}-{trial_id}", Storage(ctx["train_storage"]),
                     experiment_id=ctx["experiment_id"], run_name=tctx.get_trial_name(), tags={
                         "mlflow.parentRunId": ctx["parent_run_id"], "sweep.name": ctx["sweep_name"],
                         "sweep.trial_id": trial_id, "sweep.status": "running",
