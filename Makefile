@@ -40,10 +40,11 @@ test-slow: install
 	$(PY) -m pytest -q -m "slow"
 
 # the slow fault-injection tests (.ci/run): worker SIGKILL, driver kill + resume, MLflow outage,
-# concurrent jobs, a sweep with more trials than CPUs, run storage on S3 (moto) and two Ray nodes (issue 21)
+# concurrent jobs, a sweep with more trials than CPUs, run storage on S3 (moto) and two Ray nodes (issue 21),
+# and the longer end-to-end cases moved out of `make test` to keep it under 15 minutes
 test-faults: install
 	$(PY) -m pytest -q -m "slow" tests/test_reliability.py tests/test_distributed.py tests/test_sweep.py \
-		tests/test_storage.py tests/test_two_nodes.py
+		tests/test_storage.py tests/test_two_nodes.py tests/test_integration.py
 
 test-all: install
 	$(PY) -m pytest -q

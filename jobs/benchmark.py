@@ -1,7 +1,8 @@
 """Quality and speed benchmarks: ``python -m jobs.benchmark --suite S --out FILE.json [--quick]``.
 
 Suites (DESIGN.md §4): persona, multidomain, convai2_mc, summarization, meta_lora_linear,
-config_transfer, throughput. Writes FILE.json (``suite``, ``runtime_s``, ``results`` rows of
+config_transfer, throughput, adapt_transfer (adaptation settings learned from a prepared model's own runs).
+Writes FILE.json (``suite``, ``runtime_s``, ``results`` rows of
 method/metric/mean/ci95/n/setting) and FILE.md (the markdown table), and logs both to MLflow
 when a tracking URI is set. Progress, line by line on stdout: the plan (e.g. folds x seeds x methods =
 N units), then each unit as it starts and ends, with its time and the ETA (:mod:`metaprep.progress`).
@@ -44,8 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "unless --model-path), lm (the adapted causal LM ranks by likelihood) or auto; unset: auto "
                         "(follows --model-path)")
     p.add_argument("--persona-test-csv", default=None, help="Synthetic-Persona-Chat CSV as the persona test set")
-    p.add_argument("--domains-dir", default=None, help="folder of <domain>.jsonl (multidomain)")
-    p.add_argument("--test-domains", default=None, help="comma-separated held-out domains (multidomain)")
+    p.add_argument("--domains-dir", default=None, help="folder of <domain>.jsonl (multidomain; adapt_transfer: its "
+                                                       "tasks instead of the persona split)")
+    p.add_argument("--test-domains", default=None, help="comma-separated held-out domains (multidomain, "
+                                                        "adapt_transfer)")
     p.add_argument("--train-meta", default=None, help="training meta-dataset (config_transfer)")
     p.add_argument("--test-meta", default=None, help="test meta-dataset (config_transfer)")
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow even if a URI is set")

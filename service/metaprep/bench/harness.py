@@ -153,20 +153,22 @@ def method_batches(method: str, proto: Protocol, fold: Fold, model_path: str) ->
 
 
 def evaluate(model, tokenizer, episodes: list[Episode], proto: Protocol, lr: float,
-             hook: Hook | None = None, batch_fn: Callable[..., TaskBatch] = make_batch,
-             ) -> tuple[list[list[float]], dict[str, list[float]]]:
+             hook: Hook | None = None, batch_fn: Callable[..., TaskBatch] = make_batch, *,
+             optimizer: str = "adam", steps: int | None = None) -> tuple[list[list[float]], dict[str, list[float]]]:
     """Adapt every episode's task (in chunks of ``eval_chunk`` tasks); per-step per-task query losses.
 
-    ``batch_fn(episodes, part, tokenizer, seq_len)`` encodes a chunk (``make_batch``: causal-LM examples).
+    ``batch_fn(episodes, part, tokenizer, seq_len)`` encodes a chunk (``make_batch``: causal-LM examples);
+    ``optimizer`` and ``steps`` (default: the protocol's ``adapt_steps``) are the adaptation's.
     """
     dtype = torch.bfloat16 if proto.precision == "bf16" else None
-    curve: list[list[float]] = [[] for _ in range(proto.adapt_steps + 1)]
+    steps = proto.adapt_steps if steps is None else steps
+    curve: list[list[float]] = [[] for _ in range(steps + 1)]
     extras: dict[str, list[float]] = {}
     for start in range(0, len(episodes), proto.eval_chunk):
         chunk = episodes[start:start + proto.eval_chunk]
         support = batch_fn(chunk, "support", tokenizer, proto.seq_len)
         query = batch_fn(chunk, "query", tokenizer, proto.seq_len)
-        res = adapt(model, support, query, proto.adapt_steps, lr, "adam", autocast_dtype=dtype)
+        res = adapt(model, support, query, steps, lr, optimizer, autocast_dtype=dtype)
         for step, losses in enumerate(res.curve):
             curve[step].extend(losses)
         if res.arch is not None:  # TAMS: each task's chosen op per (layer, edge), for the diversity report

@@ -20,9 +20,11 @@ the shared harness (:mod:`metaprep.bench.harness`) under its protocol recipe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import tempfile
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -64,9 +66,11 @@ def default_test_domains(files: dict[str, Path], k: int = NUM_TEST_DOMAINS, min_
     return sorted(random.Random(0).sample(eligible, min(k, len(eligible) - 3)))
 
 
-def run_multidomain(args: argparse.Namespace) -> dict:
-    """Held-out ``--test-domains`` of a ``<domain>.jsonl`` folder; metric: perplexity."""
-    root, model_path, proto = setup_suite(args, "multidomain")
+@contextlib.contextmanager
+def multidomain_fold(args: argparse.Namespace, root: Path) -> Iterator[tuple[Fold, list[str]]]:
+    """The multidomain arrangement: ``--test-domains`` (default :func:`default_test_domains`) of the
+    ``--domains-dir`` folder (default ``<data>/multidomain``) held out as test tasks, every other domain in the
+    meta-training pool (split into meta-train and meta-val). Yields (fold, test domains)."""
     folder = Path(getattr(args, "domains_dir", None) or root / "multidomain")
     files = domain_files(folder)
     test = ([d.strip() for d in args.test_domains.split(",") if d.strip()] if getattr(args, "test_domains", None)
@@ -78,8 +82,14 @@ def run_multidomain(args: argparse.Namespace) -> dict:
         for name, file in files.items():  # the meta-training pool: every domain except the test domains
             if name not in test:
                 (Path(tmp) / f"{name}.jsonl").symlink_to(file.resolve())
-        fold = Fold("multidomain", {"family": "multidomain", "path": tmp, "val_fraction": 0.15,
-                                    "test_fraction": 0.05}, test=test_tasks)
+        yield Fold("multidomain", {"family": "multidomain", "path": tmp, "val_fraction": 0.15,
+                                   "test_fraction": 0.05}, test=test_tasks), test
+
+
+def run_multidomain(args: argparse.Namespace) -> dict:
+    """Held-out ``--test-domains`` of a ``<domain>.jsonl`` folder; metric: perplexity."""
+    root, model_path, proto = setup_suite(args, "multidomain")
+    with multidomain_fold(args, root) as (fold, test):
         records = run_folds("multidomain", [fold], proto, model_path)
     return build_report("multidomain", records, proto, model_path, args, test_domains=test,
                         split_sizes=_sizes(fold))

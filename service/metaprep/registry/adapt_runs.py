@@ -70,8 +70,36 @@ def log_adapt_run(uri: str, run: AdaptRun, run_name: str,
         return active.info.run_id
 
 
-def read_adapt_runs(tracking_uri: str, experiment: str = ADAPT_EXPERIMENT) -> Iterator[AdaptRun]:
-    """Every FINISHED run of ``experiment`` that has ``config.*`` params, in the contract's terms."""
+def log_adapt_runs(uri: str, runs: list[AdaptRun], experiment: str = ADAPT_EXPERIMENT,
+                   tags: dict[str, str] | None = None) -> list[str]:
+    """Log many adapt runs at once (three REST calls a run: create, one batch of params and metrics, end), the
+    same contract as :func:`log_adapt_run`; ``tags`` on every run. Returns the run ids."""
+    import time
+
+    from mlflow.entities import Metric, Param
+
+    from metaprep.registry.client import experiment_id, mlflow_client
+
+    client = mlflow_client(uri)
+    exp = experiment_id(uri, experiment)
+    ids = []
+    for run in runs:
+        now = int(time.time() * 1000)
+        created = client.create_run(exp, run_name=f"{run.task}-{len(ids)}"[:200], tags=dict(tags or {}))
+        params = {**{CONFIG + k: v for k, v in run.config.items()}, **run.extra_params, "task": run.task,
+                  **{META_FEATURE + k: f"{v:.6g}" for k, v in run.meta_features.items()}}
+        metrics = [Metric(CURVE, float(v), now, step) for step, v in enumerate(run.curve)]
+        metrics += [Metric(k, float(v), now, 0) for k, v in
+                    {FINAL: run.final_loss, COST: run.cost_s, **run.extra_metrics}.items() if v is not None]
+        client.log_batch(created.info.run_id, metrics=metrics, params=[Param(k, str(v)) for k, v in params.items()])
+        client.set_terminated(created.info.run_id, "FINISHED")
+        ids.append(created.info.run_id)
+    return ids
+
+
+def read_adapt_runs(tracking_uri: str, experiment: str = ADAPT_EXPERIMENT, where: str = "") -> Iterator[AdaptRun]:
+    """Every FINISHED run of ``experiment`` that has ``config.*`` params (and matches the MLflow search filter
+    ``where``, e.g. ``tags.prepared_model = 'X'``), in the contract's terms."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
@@ -91,7 +119,8 @@ def read_adapt_runs(tracking_uri: str, experiment: str = ADAPT_EXPERIMENT) -> It
                         f"to {ADAPT_EXPERIMENT!r})")
     token = None
     while True:
-        page = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'",
+        page = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'" + (f" and {where}" if where
+                                                                                          else ""),
                                   max_results=1000, page_token=token)
         for found in page:
             run = _adapt_run(client, found)

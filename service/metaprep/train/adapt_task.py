@@ -70,11 +70,17 @@ def draw_episode(task: Task, shots: int, query_size: int, seed: int) -> Episode:
 
 def meta_features(task: Task, support, tokenizer, zero_shot_loss: float) -> dict[str, float]:
     """Cheap, model-aware descriptors of the task (inputs of the configuration recommender)."""
+    return task_meta_features(task, int(support.input_ids.shape[1]), tokenizer, zero_shot_loss)
+
+
+def task_meta_features(task: Task, shots: int, tokenizer, zero_shot_loss: float) -> dict[str, float]:
+    """:func:`meta_features` of ``task`` adapted from ``shots`` support examples (its query loss before
+    adapting: ``zero_shot_loss``)."""
     lengths = [len(tokenizer.encode(e.prompt + e.target)) for e in task.examples]
     return {"n_examples": float(len(task.examples)), "mean_tokens": sum(lengths) / len(lengths),
             "prompt_fraction": sum(len(e.prompt) for e in task.examples) /
             max(1, sum(len(e.prompt) + len(e.target) for e in task.examples)),
-            "zero_shot_loss": zero_shot_loss, "shots": float(support.input_ids.shape[1])}
+            "zero_shot_loss": zero_shot_loss, "shots": float(shots)}
 
 
 def report_step(steps: int) -> Callable[[int, list[float]], None]:

@@ -28,6 +28,7 @@ from metaprep.errors import ConfigError, MetaprepError, TrainingDivergedError
 from metaprep.runtime import quiet_env, use_loopback_ray, use_stack_token
 from metaprep.train.storage import Storage, credentials_env
 
+EXPORT_PARTS = ("base", "controller")  # what registration reads of the final checkpoint
 RUN_FILE = "metaprep_run.json"  # {run_id, tracking_uri}: how --resume finds the MLflow run of a Ray run
 STATUS_FILE = "metaprep_final.json"  # the final metrics, written by the rank-0 worker (a diverged run included)
 
@@ -214,8 +215,11 @@ def reopen_run(cfg: MetaTrainConfig, uri: str, name: str, storage: Storage) -> T
 
     try:
         record = storage.read_json(name, RUN_FILE)
-    except (OSError, ValueError):
+    except ValueError:
         record = {}
+    except OSError as exc:  # the storage itself: an endpoint down, no permission
+        raise MetaprepError(f"--resume {name}: cannot read {storage.uri(name, RUN_FILE)} "
+                            f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
     if record is None:
         raise MetaprepError(f"--resume {name}: no such run under {storage} (run names are printed at start "
                             f"and stored in the summary JSON)")
@@ -391,7 +395,7 @@ def launch_meta_training(cfg: MetaTrainConfig, *, resume: str | None = None,
     if cfg.registry.register:
         from metaprep.registry.register import register_prepared
 
-        with run.storage.local_dir(result.export) as export:  # a temporary copy when the storage is remote
+        with run.storage.local_dir(result.export, only=EXPORT_PARTS) as export:  # a copy when the storage is remote
             uris = register_prepared(uri, run.run_id, export, cfg, final, data_fp, json.dumps(config))
         summary.update(base_uri=uris["base"], controller_uri=uris["controller"],
                        base_version=uris["base_version"], controller_version=uris["controller_version"])

@@ -19,10 +19,11 @@ from pathlib import Path
 
 from metaprep.errors import ConfigError
 
-# the driver's cloud credentials travel to the workers (which open the storage themselves); a node's own role or
-# workload identity works too when these are unset
+# the driver's literal S3 credentials travel to the workers (which open the storage themselves). Nothing that names
+# a file of the driver's machine (AWS_PROFILE, GOOGLE_APPLICATION_CREDENTIALS): on other nodes use the nodes' own
+# role / workload identity or a Secret in their environment (cluster/kuberay-rayjob.yaml)
 STORAGE_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
-                       "AWS_PROFILE", "AWS_ENDPOINT_URL", "GOOGLE_APPLICATION_CREDENTIALS")
+                       "AWS_ENDPOINT_URL")
 
 
 def credentials_env() -> dict[str, str]:
@@ -127,9 +128,10 @@ class Storage:
             self.fs.delete_dir(self.path(*parts))
 
     @contextlib.contextmanager
-    def local_dir(self, *parts: str) -> Iterator[Path]:
+    def local_dir(self, *parts: str, only: tuple[str, ...] = ()) -> Iterator[Path]:
         """The folder ``parts`` as a local directory: itself on a local filesystem, else a temporary copy
-        (deleted on exit)."""
+        (deleted on exit) of the whole folder or of its subfolders ``only`` (a checkpoint's ``base`` and
+        ``controller``, not every rank's optimizer shards)."""
         if self.is_local:
             yield Path(self.path(*parts))
             return
@@ -137,8 +139,11 @@ class Storage:
 
         tmp = Path(tempfile.mkdtemp(prefix="metaprep-export-"))
         try:
-            pafs.copy_files(self.path(*parts), str(tmp), source_filesystem=self.fs,
-                            destination_filesystem=pafs.LocalFileSystem())
+            for sub in only or ("",):
+                source = self.path(*parts, sub) if sub else self.path(*parts)
+                (tmp / sub).mkdir(parents=True, exist_ok=True)
+                pafs.copy_files(source, str(tmp / sub), source_filesystem=self.fs,
+                                destination_filesystem=pafs.LocalFileSystem())
             yield tmp
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

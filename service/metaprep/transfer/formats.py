@@ -57,6 +57,7 @@ import hashlib
 import io
 import json
 import math
+from collections.abc import Iterable
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -353,14 +354,22 @@ def read_generic(path: str | Path) -> MetaDataset:
     return MetaDataset(rows, path.name, "generic", "performance column (higher is better)", metric)
 
 
-def read_mlflow_adapt_runs(tracking_uri: str, experiment: str = ADAPT_EXPERIMENT) -> MetaDataset:
-    """The service's own adaptation runs in MLflow (:mod:`metaprep.registry.adapt_runs`), as rows."""
-    rows = [row for run in read_adapt_runs(tracking_uri, experiment)
-            if (row := _adapt_run_row(run, tracking_uri)) is not None]
+def read_mlflow_adapt_runs(tracking_uri: str, experiment: str = ADAPT_EXPERIMENT, where: str = "") -> MetaDataset:
+    """The service's own adaptation runs in MLflow (:mod:`metaprep.registry.adapt_runs`), as rows (``where``: an
+    MLflow search filter that selects some of them)."""
+    return adapt_runs_metadataset(read_adapt_runs(tracking_uri, experiment, where), tracking_uri,
+                                  f"mlflow:{experiment}",
+                                  f"experiment {experiment!r} has no FINISHED run with config.* params and a "
+                                  f"query_loss/final_query_loss metric" + (f" matching {where}" if where else ""))
+
+
+def adapt_runs_metadataset(runs: Iterable[AdaptRun], where: str, name: str,
+                           empty: str = "no adapt run with a query_loss/final_query_loss metric") -> MetaDataset:
+    """Adapt runs (the contract's terms; ``where`` names their store in errors) as a meta-dataset."""
+    rows = [row for run in runs if (row := _adapt_run_row(run, where)) is not None]
     if not rows:
-        raise DataError(f"{tracking_uri}: experiment {experiment!r} has no FINISHED run with config.* params "
-                        "and a query_loss/final_query_loss metric")
-    return MetaDataset(rows, f"mlflow:{experiment}", "mlflow", "-final_query_loss", ADAPT_METRIC)
+        raise DataError(f"{where}: {empty}")
+    return MetaDataset(rows, name, "mlflow", "-final_query_loss", ADAPT_METRIC)
 
 
 def _adapt_run_row(run: AdaptRun, tracking_uri: str) -> MetaRow | None:

@@ -23,6 +23,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -307,7 +308,10 @@ def _summarise(grid, spec: SweepSpec, client, ctx: dict, folder: Storage, log) -
     if plot is not None:
         client.log_artifact(parent, str(plot))
         plot_artifact = f"{client.get_run(parent).info.artifact_uri}/{plot.name}"
-        log(f"metaprep: sweep plot {plot} (MLflow artifact {plot_artifact})")
+        log(f"metaprep: sweep plot {plot if folder.is_local else '(MLflow only)'} (MLflow artifact {plot_artifact})")
+    if not folder.is_local:
+        shutil.rmtree(plot_dir, ignore_errors=True)
+        plot = None
 
     completed = [t for t in trials if t.status == "completed" and t.metric is not None and t.export_path]
     best = min(completed, key=lambda t: t.metric) if completed else None
@@ -336,13 +340,14 @@ def _register_best(best: TrialOutcome, base: dict, split, data_fp: str, client, 
     """Register the best trial's export (alias ``candidate``) and let it challenge the champion."""
     from metaprep.registry.promotion import compare_and_promote, verdict
     from metaprep.registry.register import KINDS, register_prepared
+    from metaprep.train.launch import EXPORT_PARTS
 
     uri, parent = ctx["uri"], ctx["parent_run_id"]
     best_cfg = trial_config(base, best.params)
     final = {"meta_steps": best.final.get("meta_steps_done") or best_cfg.meta.meta_steps,
              "meta_val_loss_start": best.final.get("meta_val_loss_start", math.nan),
              "meta_val_loss_end": best.metric}
-    with Storage(ctx["train_storage"]).local_dir(best.export_path) as export:  # a copy when remote
+    with Storage(ctx["train_storage"]).local_dir(best.export_path, only=EXPORT_PARTS) as export:  # a copy if remote
         uris = register_prepared(uri, best.run_id, export, best_cfg, final, data_fp,
                                  json.dumps(dataclasses.asdict(best_cfg)))
         for kind in KINDS:

@@ -110,7 +110,7 @@ def sweep_trial(params: dict, ctx: dict) -> None:
     if result.diverged:
         status, metric = "diverged", math.inf
         diverged_at = final.get("diverged_at")
-        if diverged_at is None:  # recorded by MetaValReportCallback when the status file is on another node
+        if diverged_at is None:  # recorded by MetaValReportCallback when the status file could not be read
             diverged_at = client.get_run(run.run_id).data.tags.get("sweep.diverged_at")
         diverged_at = int(diverged_at) if str(diverged_at).isdigit() else None
         client.set_tag(run.run_id, "sweep.error", divergence(cfg, diverged_at))
