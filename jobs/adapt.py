@@ -5,8 +5,9 @@ family and fixed split, e.g. a ConvAI2 persona the model never saw).
 Loads ``NAME-base`` and ``NAME-controller`` by URI (``models:/NAME-base@champion``, a version, or a
 local exported folder; the controller defaults to the one prepared with the base), takes K support
 examples of the task (JSONL: ``{"task", "text"}`` or ``{"task", "prompt", "target"}``), adapts for N
-steps and reports query metrics before and after (a line per step with its query loss, then the summary
-JSON). Every run is logged to the MLflow experiment
+steps (or, with ``--settings recommended``, the lr, steps and optimizer that the base's settings model
+chooses for the task: see ``jobs.learn_settings``) and reports query metrics before and after (a line per
+step with its query loss, then the summary JSON). Every run is logged to the MLflow experiment
 ``metaprep-adapt`` (config, task meta-features, learning curve, cost, adapted fast weights) — the
 meta-dataset the configuration recommender learns from. The adapted model can be exported for
 transformers (``--export-merged``) or transformers + peft (``--export-peft``), and registered as an MLflow
@@ -36,8 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", help="task name inside --tasks (required when the file holds several tasks); with "
                                   "--meta-test, default the first meta-test task")
     p.add_argument("--shots", type=int, default=8, help="support examples (k)")
-    p.add_argument("--steps", type=int, default=10, help="adaptation steps")
+    p.add_argument("--steps", type=int, default=None, help="adaptation steps (default 10)")
     p.add_argument("--lr", type=float, default=None, help="adaptation learning rate (default: the recipe's inner lr)")
+    p.add_argument("--settings", choices=("given", "recommended"), default="given",
+                   help="recommended: choose lr, steps and optimizer for this task from the base's settings model "
+                        "(learned by python -m jobs.learn_settings) and say why; given: --lr/--steps")
+    p.add_argument("--settings-model", help="with --settings recommended: a settings folder or models:/ URI (default: "
+                                            "NAME-base-settings registered for --base's version, or X/settings next to "
+                                            "a folder base X/base)")
     p.add_argument("--query-size", type=int, default=32, help="max query examples (the rest of the task)")
     p.add_argument("--seed", type=int, default=0, help="seed of the support/query draw")
     p.add_argument("--summary-out", help="write the summary JSON here")
@@ -62,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = adapt_registered(
         args.base, args.controller, tasks=args.tasks, task=args.task, meta_test=args.meta_test,
         data_dir=args.data_dir, shots=args.shots, steps=args.steps, lr=args.lr, query_size=args.query_size,
-        seed=args.seed, export_merged=args.export_merged, export_peft=args.export_peft, overwrite=args.overwrite,
+        seed=args.seed, settings=args.settings, settings_model=args.settings_model,
+        export_merged=args.export_merged, export_peft=args.export_peft, overwrite=args.overwrite,
         register=args.register, log_mlflow=not args.no_mlflow)
     write_summary(args.summary_out, summary)
     print(json.dumps({k: v for k, v in summary.items() if k != "curve"}, indent=1))

@@ -57,10 +57,10 @@ def test_adapt_transfer_suite_on_generated_domains(tmp_path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
     rows = {(r["method"], r["metric"]): r for r in report["results"]}
-    assert set(rows) == {(m, k) for m in ("recommended", "default", "best_default", "oracle")
+    assert set(rows) == {(m, k) for m in ("recommended", "surrogate", "default", "best_default", "oracle")
                          for k in ("query_loss", "regret")}
     assert rows[("oracle", "regret")]["mean"] == 0.0
-    for method in ("recommended", "default", "best_default"):  # the oracle is the best of the same grid
+    for method in ("recommended", "surrogate", "default", "best_default"):  # the oracle is the best of the same grid
         assert rows[(method, "regret")]["mean"] >= 0.0
         assert rows[(method, "query_loss")]["mean"] >= rows[("oracle", "query_loss")]["mean"] - 1e-9
     assert all(math.isfinite(r["mean"]) for r in report["results"])
@@ -69,4 +69,8 @@ def test_adapt_transfer_suite_on_generated_domains(tmp_path) -> None:
     assert report["default_setting"] in grid and seed["best_default"] in grid
     assert seed["runs"] == seed["train_tasks"] * len(report["shots_grid"]) * len(grid)
     assert sum(report["picks"]["recommended"].values()) == seed["test_tasks"]
+    # `recommended` applies the rule that cross-validation over the training tasks chose
+    assert seed["rule"] in ("surrogate", "fixed") and seed["cross_validation"]["n"] == seed["train_tasks"] * len(report["shots_grid"])
+    assert report["picks"]["recommended"] == report["picks"]["surrogate" if seed["rule"] == "surrogate"
+                                                             else "best_default"]
     assert "[adapt_transfer]" in proc.stdout and "adapt runs per prepared model" in proc.stdout

@@ -37,7 +37,7 @@ from metaprep.bench.protocol import Protocol, protocol_for, split_method
 from metaprep.bench.report import mean_or_nan
 from metaprep.config import MetaTrainConfig, TasksConfig, apply_overrides, from_dict, to_dict
 from metaprep.errors import ConfigError, DataError
-from metaprep.meta.adapt import adapt
+from metaprep.meta.adapt import adapt_in_chunks
 from metaprep.meta.algorithm import ALGORITHMS
 from metaprep.meta.build import build_meta_model
 from metaprep.progress import Progress
@@ -162,20 +162,17 @@ def evaluate(model, tokenizer, episodes: list[Episode], proto: Protocol, lr: flo
     """
     dtype = torch.bfloat16 if proto.precision == "bf16" else None
     steps = proto.adapt_steps if steps is None else steps
-    curve: list[list[float]] = [[] for _ in range(steps + 1)]
     extras: dict[str, list[float]] = {}
-    for start in range(0, len(episodes), proto.eval_chunk):
-        chunk = episodes[start:start + proto.eval_chunk]
-        support = batch_fn(chunk, "support", tokenizer, proto.seq_len)
-        query = batch_fn(chunk, "query", tokenizer, proto.seq_len)
-        res = adapt(model, support, query, steps, lr, optimizer, autocast_dtype=dtype)
-        for step, losses in enumerate(res.curve):
-            curve[step].extend(losses)
+
+    def collect(chunk: list[Episode], res) -> None:
         if res.arch is not None:  # TAMS: each task's chosen op per (layer, edge), for the diversity report
             extras.setdefault("architecture", []).extend(res.arch.argmax(-1).flatten(1).tolist())
         if hook is not None:
             for key, values in hook(model, tokenizer, chunk, res, proto).items():
                 extras.setdefault(key, []).extend(values)
+
+    curve = adapt_in_chunks(model, episodes, lambda chunk, part: batch_fn(chunk, part, tokenizer, proto.seq_len),
+                            steps, lr, optimizer, chunk=proto.eval_chunk, autocast_dtype=dtype, on_chunk=collect)
     return curve, extras
 
 

@@ -74,3 +74,21 @@ def adapt(model, support: TaskBatch, query: TaskBatch, steps: int, lr: float, op
 
 def _autocast(dtype: torch.dtype | None):
     return torch.autocast("cpu", dtype=dtype) if dtype is not None else torch.autocast("cpu", enabled=False)
+
+
+def adapt_in_chunks(model, episodes: list, encode: Callable[[list, str], TaskBatch], steps: int, lr: float,
+                    optimizer: str, *, chunk: int, autocast_dtype: torch.dtype | None = None,
+                    on_chunk: Callable[[list, AdaptResult], None] | None = None) -> list[list[float]]:
+    """:func:`adapt` over many episodes, ``chunk`` tasks at a time (bounded memory); per step (0 = before)
+    the query loss of every episode, in order. ``encode(episodes, "support" | "query")`` makes a chunk's
+    batch; ``on_chunk(episodes, result)`` sees each chunk's result (architectures, extra metrics)."""
+    curve: list[list[float]] = [[] for _ in range(steps + 1)]
+    for start in range(0, len(episodes), chunk):
+        part = episodes[start:start + chunk]
+        res = adapt(model, encode(part, "support"), encode(part, "query"), steps, lr, optimizer,
+                    autocast_dtype=autocast_dtype)
+        for step, losses in enumerate(res.curve):
+            curve[step].extend(losses)
+        if on_chunk is not None:
+            on_chunk(part, res)
+    return curve

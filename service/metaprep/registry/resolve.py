@@ -52,6 +52,16 @@ def _model_version(uri: str, m: re.Match, tracking: str | None):
                             f"(browse the MLflow UI > Models for valid names, versions and aliases)") from None
 
 
+def registered_version(uri: str, tracking: str | None) -> tuple[str, str]:
+    """(registered name, version) that ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` names (an alias resolved
+    now), else a one-line error naming the URI."""
+    m = _URI.match(uri)
+    if not m:
+        raise RegistryError(f"{uri}: malformed registry URI; expected models:/NAME@ALIAS or models:/NAME/VERSION")
+    _, mv = _model_version(uri, m, tracking)
+    return m["name"], str(mv.version)
+
+
 def companion_controller(base: str, tracking: str | None) -> str:
     """The controller prepared with ``base``: for ``models:/NAME-base@ALIAS`` (or ``/VERSION``) the
     ``NAME-controller`` version registered from the same MLflow run; for a folder ``X/base``, ``X/controller``

@@ -23,6 +23,9 @@ import torch
 from metaprep.errors import ConfigError, DataError
 from metaprep.progress import duration, say
 
+SETTINGS = ("given", "recommended")
+DEFAULT_STEPS = 10
+
 if TYPE_CHECKING:  # torch loads only once the arguments are checked
     from metaprep.tasks.base import Episode, Task
 
@@ -100,7 +103,8 @@ def report_curve(curve: list[float], seconds: float) -> None:
 
 def adapt_registered(base: str, controller: str | None = None, *, tasks: str | None = None,
                      task: str | None = None, meta_test: bool = False, data_dir: str | None = None, shots: int = 8,
-                     steps: int = 10, lr: float | None = None, query_size: int = 32, seed: int = 0,
+                     steps: int | None = None, lr: float | None = None, query_size: int = 32, seed: int = 0,
+                     settings: str = "given", settings_model: str | None = None,
                      export_merged: str | None = None, export_peft: str | None = None, overwrite: bool = False,
                      register: str | None = None, log_mlflow: bool = True) -> dict:
     """Adapt the prepared model ``base`` + ``controller`` to one task and return the summary.
@@ -108,7 +112,10 @@ def adapt_registered(base: str, controller: str | None = None, *, tasks: str | N
     ``controller`` defaults to the one prepared with ``base`` (:func:`~metaprep.registry.resolve.
     companion_controller`). The task is ``task`` of the JSONL ``tasks`` (read before any model is loaded: bad
     input fails fast), or with ``meta_test`` a held-out task of the model's own recipe (``data_dir``: its data
-    root). ``lr`` defaults to the recipe's inner lr. ``export_merged`` / ``export_peft``: folders to save the
+    root). ``lr`` defaults to the recipe's inner lr, ``steps`` to 10; ``settings="recommended"`` chooses lr, steps
+    and optimizer instead, from the base's settings model (``settings_model``, default: the one
+    ``jobs.learn_settings`` registered for this base version, or ``X/settings`` next to a folder base ``X/base``)
+    and the task's meta-features. ``export_merged`` / ``export_peft``: folders to save the
     adapted model to, each new or empty unless ``overwrite``, checked before any work (what the model cannot
     export is refused as soon as its spec is read) and written only once the rest has succeeded;
     ``register``: a registered-model name for the adapted model as an MLflow pyfunc model (checked before any
@@ -116,6 +123,7 @@ def adapt_registered(base: str, controller: str | None = None, *, tasks: str | N
     flag at fault.
     """
     _check_args(tasks, meta_test, data_dir, shots, steps, query_size, lr)
+    _check_settings(settings, settings_model, lr, steps)
     exports = _check_exports({"merged": export_merged, "peft": export_peft}, overwrite)
     tracking = _check_register(register, log_mlflow)
     t0 = time.perf_counter()
@@ -124,6 +132,11 @@ def adapt_registered(base: str, controller: str | None = None, *, tasks: str | N
 
     if tasks is not None:
         picked = check_size(pick_task(load_jsonl_tasks(tasks), task, tasks), shots, tasks)
+    model_settings = None
+    if settings == "recommended":  # found (or refused) before any weights load
+        from metaprep.train.learn_settings import load_settings_for
+
+        model_settings = load_settings_for(base, settings_model)
     say("adapt", f"loading {base} ...")
     model, loaded, cfg, controller = _load_checked(base, controller, exports, register)
     if meta_test:
@@ -131,6 +144,8 @@ def adapt_registered(base: str, controller: str | None = None, *, tasks: str | N
         picked = check_size(picked, shots, source)
     _check_family(picked, cfg.tasks.family, tasks or "--meta-test")
     lr = lr if lr is not None else cfg.meta.inner_lr
+    steps = steps if steps is not None else DEFAULT_STEPS
+    optimizer = cfg.meta.inner_optimizer
     episode = draw_episode(picked, shots, query_size, seed)
     encode = batch_encoder_for(cfg)
     support = encode([episode], "support", loaded.tokenizer, cfg.tasks.seq_len)
@@ -145,22 +160,31 @@ def adapt_registered(base: str, controller: str | None = None, *, tasks: str | N
     configure_process(cfg.distributed.torch_threads or cfg.distributed.cpus_per_worker)
     from metaprep.train.step import autocast_dtype
 
+    chosen = None
+    if model_settings is not None:
+        chosen = recommend_settings(model_settings, model, picked, support, query, loaded.tokenizer,
+                                    autocast_dtype(cfg))
+        lr, steps, optimizer = chosen["setting"]["lr"], int(chosen["setting"]["steps"]), chosen["setting"]["optimizer"]
+
     say("adapt", f"task {picked.name}: {shots} support / {len(episode.query)} query examples, {steps} steps at lr "
-                 f"{lr:g} ({cfg.algorithm}, {cfg.reparam.kind}) ...")
+                 f"{lr:g} with {optimizer} ({cfg.algorithm}, {cfg.reparam.kind}) ...")
     t_adapt = time.perf_counter()
-    result = adapt(model, support, query, steps, lr, cfg.meta.inner_optimizer, autocast_dtype=autocast_dtype(cfg),
+    result = adapt(model, support, query, steps, lr, optimizer, autocast_dtype=autocast_dtype(cfg),
                    on_step=report_step(steps))
     curve = [c[0] for c in result.curve]
     report_curve(curve, time.perf_counter() - t_adapt)
     if not all(math.isfinite(c) for c in curve):
         raise DataError(f"adaptation diverged (query loss {curve[-1]}) at --lr {lr}; use a smaller --lr")
     summary = {
-        "task": picked.name, "shots": shots, "steps": steps, "lr": lr, "n_query": len(episode.query),
+        "task": picked.name, "shots": shots, "steps": steps, "lr": lr, "optimizer": optimizer,
+        "n_query": len(episode.query),
         "query_loss_before": curve[0], "query_loss_after": curve[-1],
         "perplexity_before": math.exp(min(curve[0], 50)), "perplexity_after": math.exp(min(curve[-1], 50)),
         "curve": curve, "wall_s": round(time.perf_counter() - t0, 3), "algorithm": cfg.algorithm,
         "reparam": cfg.reparam.kind, "base": base, "controller": controller,
     }
+    if chosen is not None:
+        summary["settings"] = chosen
     if hasattr(model, "accuracy"):  # a multiple-choice scorer: gold-candidate accuracy on the query set
         with torch.no_grad():
             summary["accuracy_before"] = model.accuracy(query, model.fast_init(1)).item()
@@ -189,6 +213,31 @@ def adapt_registered(base: str, controller: str | None = None, *, tasks: str | N
                                                            loaded, cfg, result.fast, result.arch, tags)
         publish()
     return summary
+
+
+def recommend_settings(found: tuple, model, task: Task, support, query, tokenizer, dtype) -> dict:
+    """``--settings recommended``: the setting that the base's settings model (``found``: the model and where it
+    came from, :func:`~metaprep.train.learn_settings.load_settings_for`) chooses for ``task`` from its
+    meta-features (with the query loss before adapting), printed with the reason; the summary's ``settings``."""
+    from metaprep.meta.adapt import adapt
+    from metaprep.transfer.adapt_settings import describe
+
+    model_settings, source = found
+    before = adapt(model, support, query, 0, 0.0, "sgd", autocast_dtype=dtype).query_loss_before
+    features = meta_features(task, support, tokenizer, before)
+    setting, why = model_settings.choose(features)
+    say("adapt", f"settings from {source}: {describe(setting)}: {why}")
+    return {"source": source, "setting": setting, "rule": model_settings.rule, "reason": why,
+            "meta_features": features}
+
+
+def _check_settings(settings: str, settings_model: str | None, lr: float | None, steps: int | None) -> None:
+    if settings not in SETTINGS:
+        raise ConfigError(f"--settings {settings!r}: choose from {list(SETTINGS)}")
+    if settings == "recommended" and (lr is not None or steps is not None):
+        raise ConfigError("--settings recommended chooses --lr and --steps; drop them, or use --settings given")
+    if settings_model and settings != "recommended":
+        raise ConfigError("--settings-model: only used with --settings recommended")
 
 
 def _load_checked(base: str, controller: str | None, exports: dict[str, Path], register: str | None):
@@ -238,7 +287,7 @@ def _check_family(task: Task, family: str, source: str) -> None:
                         f"language model (tasks.family={family}); give 'text' or 'prompt'/'target' lines")
 
 
-def _check_args(tasks: str | None, meta_test: bool, data_dir: str | None, shots: int, steps: int,
+def _check_args(tasks: str | None, meta_test: bool, data_dir: str | None, shots: int, steps: int | None,
                 query_size: int, lr: float | None) -> None:
     if (tasks is None) == (not meta_test):
         raise ConfigError("--tasks / --meta-test: give exactly one (a JSONL file of the new task, or --meta-test for "
@@ -246,7 +295,7 @@ def _check_args(tasks: str | None, meta_test: bool, data_dir: str | None, shots:
     if data_dir and not meta_test:
         raise ConfigError("--data-dir: only used with --meta-test")
     for flag, value, low in (("--shots", shots, 1), ("--steps", steps, 1), ("--query-size", query_size, 1)):
-        if value < low:
+        if value is not None and value < low:
             raise ConfigError(f"{flag}: must be >= {low}, got {value}")
     if lr is not None and not (lr > 0 and math.isfinite(lr)):
         raise ConfigError(f"--lr: must be a finite number > 0, got {lr}")
@@ -286,7 +335,7 @@ def _log_run(cfg, task: Task, features: dict[str, float], fast, summary: dict) -
         task=task.name, meta_features=features, curve=summary["curve"], final_loss=summary["query_loss_after"],
         cost_s=summary["wall_s"],
         config={"lr": summary["lr"], "steps": summary["steps"], "shots": summary["shots"], "rank": cfg.reparam.rank,
-                "reparam": cfg.reparam.kind, "algorithm": cfg.algorithm, "inner_optimizer": cfg.meta.inner_optimizer},
+                "reparam": cfg.reparam.kind, "algorithm": cfg.algorithm, "inner_optimizer": summary["optimizer"]},
         extra_params={"base": summary["base"], "controller": summary["controller"]},
         extra_metrics={"query_loss_before": summary["query_loss_before"],
                        "perplexity_after": summary["perplexity_after"]})

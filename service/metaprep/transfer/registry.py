@@ -22,8 +22,8 @@ ARTIFACT_PATH = "surrogate"
 def register_surrogate(surrogate_dir: str | Path, name: str, tracking_uri: str, *,
                        tags: dict[str, str] | None = None) -> dict:
     """Log ``surrogate_dir`` as artifacts and register it; returns name, version, run id and source URI."""
-    import mlflow
     from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
 
     check_model_name(name)
     surrogate_dir = Path(surrogate_dir)
@@ -37,22 +37,30 @@ def register_surrogate(surrogate_dir: str | Path, name: str, tracking_uri: str, 
     version_tags = {"kind": spec.get("kind", ""), "meta_features": ",".join(spec.get("meta_features", [])),
                     "members": str(spec.get("members", "")), "format": "safetensors+json",
                     **(tags or {})}
-    try:
-        mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_experiment(EXPERIMENT)
-        with mlflow.start_run(run_name=f"surrogate-{name}") as run:
-            mlflow.set_tags(version_tags)
-            mlflow.log_params({"members": spec.get("members"), "hidden": spec.get("hidden"),
-                               "performance": spec.get("performance_desc", "")})
-            mlflow.log_artifacts(str(surrogate_dir), artifact_path=ARTIFACT_PATH)
-            # the artifact URI itself: MLflow 3 resolves ``runs:/`` sources to logged *models*, and
-            # these are plain artifacts (safetensors + JSON), not an MLflow model flavour
-            source = f"{run.info.artifact_uri.rstrip('/')}/{ARTIFACT_PATH}"
-        version = mlflow.register_model(source, name, tags=version_tags)
+    try:  # a client of its own: the process's fluent tracking URI (another test's, another job's) is left alone
+        client = MlflowClient(tracking_uri=tracking_uri)
+        found = client.get_experiment_by_name(EXPERIMENT)
+        experiment = found.experiment_id if found is not None else client.create_experiment(EXPERIMENT)
+        run = client.create_run(experiment, run_name=f"surrogate-{name}", tags=version_tags)
+        run_id = run.info.run_id
+        for key, value in {"members": spec.get("members"), "hidden": spec.get("hidden"),
+                           "performance": spec.get("performance_desc", "")}.items():
+            client.log_param(run_id, key, str(value))
+        client.log_artifacts(run_id, str(surrogate_dir), artifact_path=ARTIFACT_PATH)
+        client.set_terminated(run_id)
+        # the artifact URI itself: MLflow 3 resolves ``runs:/`` sources to logged *models*, and
+        # these are plain artifacts (safetensors + JSON), not an MLflow model flavour
+        source = f"{run.info.artifact_uri.rstrip('/')}/{ARTIFACT_PATH}"
+        try:
+            client.create_registered_model(name)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        version = client.create_model_version(name, source, run_id=run_id, tags=version_tags)
     except MlflowException as exc:
         raise RegistryError(f"{tracking_uri}: cannot register surrogate {name!r} "
                             f"({exc.message.splitlines()[0]})") from None
-    return {"name": name, "version": str(version.version), "run_id": run.info.run_id, "source": source}
+    return {"name": name, "version": str(version.version), "run_id": run_id, "source": source}
 
 
 def download_surrogate(model_uri: str, dst: str | Path, tracking_uri: str) -> Path:
@@ -61,8 +69,7 @@ def download_surrogate(model_uri: str, dst: str | Path, tracking_uri: str) -> Pa
     from mlflow.exceptions import MlflowException
 
     try:
-        mlflow.set_tracking_uri(tracking_uri)
-        path = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst))
+        path = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst), tracking_uri=tracking_uri)
     except MlflowException as exc:
         raise RegistryError(f"{model_uri}: cannot download ({exc.message.splitlines()[0]})") from None
     return Path(path)
