@@ -21,6 +21,7 @@ import argparse
 import json
 
 from jobs._cli import job_parser, run_main, write_summary
+from metaprep.transfer.adapt_settings import MODES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shots", type=int, default=8, help="support examples (k)")
     p.add_argument("--steps", type=int, default=None, help="adaptation steps (default 10)")
     p.add_argument("--lr", type=float, default=None, help="adaptation learning rate (default: the recipe's inner lr)")
-    p.add_argument("--settings", choices=("given", "recommended"), default="given",
+    p.add_argument("--settings", choices=MODES, default=MODES[0],
                    help="recommended: choose lr, steps and optimizer for this task from the base's settings model "
                         "(learned by python -m jobs.learn_settings) and say why; given: --lr/--steps")
     p.add_argument("--settings-model", help="with --settings recommended: a settings folder or models:/ URI (default: "

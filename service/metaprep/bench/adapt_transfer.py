@@ -38,11 +38,20 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 
-from metaprep.bench.harness import Fold, evaluate, make_config, method_batches, prepare, setup_suite
+from metaprep.bench.harness import (
+    Fold,
+    evaluate,
+    make_config,
+    method_batches,
+    prepare,
+    setup_suite,
+    support_losses,
+)
 from metaprep.bench.report import mean_or_nan, result
 from metaprep.errors import DataError
 from metaprep.progress import Progress, say
 from metaprep.tasks.base import fixed_episodes
+from metaprep.train.adapt_task import DEFAULT_STEPS
 from metaprep.transfer.adapt_settings import (
     EXPERIMENT,
     OPTIMIZERS,
@@ -56,7 +65,6 @@ from metaprep.transfer.adapt_settings import (
 )
 
 MAX_TRAIN_TASKS = 20
-DEFAULT_STEPS = 10  # jobs.adapt --steps default
 QUICK = {"max_train_tasks": 6, "steps": (1, 2), "shots": (2,), "fit": {"steps": 200, "members": 4}}
 METHODS = ("recommended", "surrogate", "default", "best_default", "oracle")
 
@@ -65,7 +73,7 @@ def grid_and_default(proto, quick: bool) -> tuple[list[dict], dict]:
     """The (lr, optimizer, steps) candidates (the protocol's lr grid and inner lr), and ``jobs.adapt``'s default
     setting (always among them)."""
     steps = QUICK["steps"] if quick else STEPS
-    default = {"lr": float(proto.inner_lr), "optimizer": "adam",
+    default = {"lr": float(proto.inner_lr), "optimizer": "adam",  # the inner optimizer every suite prepares with
                "steps": float(DEFAULT_STEPS if not quick else max(steps))}
     return settings_grid(list(proto.lr_grid) + [default["lr"]], OPTIMIZERS, steps), default
 
@@ -84,11 +92,17 @@ def learn_from(runs, grid, label: str, uri: str | None, seed: int, quick: bool) 
                                fit_kwargs=QUICK["fit"] if quick else None)
 
 
-def _grid_on(model, tok, episodes, proto, batch_fn, grid):
-    """:func:`adapt_grid` of ``episodes`` through the harness's chunked, protocol-precision adaptation."""
+def _grid_on(model, tok, episodes, proto, batch_fn, grid, what: str):
+    """:func:`adapt_grid` of ``episodes`` through the harness's chunked, protocol-precision adaptation; a line
+    per (lr, optimizer)."""
     def adapt_curve(lr: float, optimizer: str, steps: int) -> list[list[float]]:
-        return evaluate(model, tok, episodes, proto, lr, batch_fn=batch_fn, optimizer=optimizer, steps=steps)[0]
-    return adapt_grid(adapt_curve, len(episodes), grid)
+        t0 = time.perf_counter()
+        curve = evaluate(model, tok, episodes, proto, lr, batch_fn=batch_fn, optimizer=optimizer, steps=steps)[0]
+        say("adapt_transfer", f"  {what}: lr {lr:g} {optimizer}, {steps} steps, {len(episodes)} tasks: mean query "
+                              f"loss {mean_or_nan(curve[0]):.4f} -> {mean_or_nan(curve[-1]):.4f} "
+                              f"({time.perf_counter() - t0:.0f} s)")
+        return curve
+    return adapt_grid(adapt_curve, support_losses(model, tok, episodes, proto, batch_fn), grid)
 
 
 @contextlib.contextmanager
@@ -137,19 +151,20 @@ def run(args: argparse.Namespace) -> dict:
             t_prep = time.perf_counter()
             train_tasks = random.Random(seed).sample(pool, min(max_train, len(pool)))
             episodes = {k: fixed_episodes(train_tasks, k, proto.query_size, seed) for k in shots_grid}
-            results = {k: _grid_on(model, tok, eps, proto, batch_fn, grid) for k, eps in episodes.items()}
+            results = {k: _grid_on(model, tok, eps, proto, batch_fn, grid, f"training tasks, {k} shots")
+                       for k, eps in episodes.items()}
             label = f"{method}-seed{seed}-{uuid.uuid4().hex[:8]}"
             runs = build_runs(train_tasks, episodes, tok, grid, results, label, "bench")
             t_runs = time.perf_counter()
             settings = learn_from(runs, grid, label, uri, seed, quick)
             t_fit = time.perf_counter()
             test_eps = fixed_episodes(test_tasks, proto.shots, proto.query_size, seed)
-            losses, zero_shot, _ = _grid_on(model, tok, test_eps, proto, batch_fn, grid)
+            losses, support_loss, _ = _grid_on(model, tok, test_eps, proto, batch_fn, grid, "held-out tasks")
             by_name = {t.name: t for t in test_tasks}
             from metaprep.train.adapt_task import task_meta_features
 
             for i, ep in enumerate(test_eps):
-                meta = task_meta_features(by_name[ep.task], proto.shots, tok, zero_shot[i])
+                meta = task_meta_features(by_name[ep.task], proto.shots, tok, support_loss[i])
                 chosen = {"recommended": settings.choose(meta)[0],
                           "surrogate": settings.recommender.rank(meta, grid, k=1)[0].config,
                           "default": default, "best_default": settings.fixed}

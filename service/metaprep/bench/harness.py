@@ -37,7 +37,7 @@ from metaprep.bench.protocol import Protocol, protocol_for, split_method
 from metaprep.bench.report import mean_or_nan
 from metaprep.config import MetaTrainConfig, TasksConfig, apply_overrides, from_dict, to_dict
 from metaprep.errors import ConfigError, DataError
-from metaprep.meta.adapt import adapt_in_chunks
+from metaprep.meta.adapt import adapt_in_chunks, support_losses_in_chunks
 from metaprep.meta.algorithm import ALGORITHMS
 from metaprep.meta.build import build_meta_model
 from metaprep.progress import Progress
@@ -174,6 +174,16 @@ def evaluate(model, tokenizer, episodes: list[Episode], proto: Protocol, lr: flo
     curve = adapt_in_chunks(model, episodes, lambda chunk, part: batch_fn(chunk, part, tokenizer, proto.seq_len),
                             steps, lr, optimizer, chunk=proto.eval_chunk, autocast_dtype=dtype, on_chunk=collect)
     return curve, extras
+
+
+def support_losses(model, tokenizer, episodes: list[Episode], proto: Protocol,
+                   batch_fn: Callable[..., TaskBatch] = make_batch) -> list[float]:
+    """Per episode, the prepared model's loss on its support examples before adapting (as :func:`evaluate`
+    encodes, chunks and casts)."""
+    dtype = torch.bfloat16 if proto.precision == "bf16" else None
+    return support_losses_in_chunks(model, episodes, lambda chunk, part: batch_fn(chunk, part, tokenizer,
+                                                                                  proto.seq_len),
+                                    chunk=proto.eval_chunk, autocast_dtype=dtype)
 
 
 def run_folds(suite: str, folds: list[Fold], proto: Protocol, model_path: str, hook: Hook | None = None,

@@ -92,3 +92,22 @@ def adapt_in_chunks(model, episodes: list, encode: Callable[[list, str], TaskBat
         if on_chunk is not None:
             on_chunk(part, res)
     return curve
+
+
+def support_losses(model, support: TaskBatch, autocast_dtype: torch.dtype | None = None) -> list[float]:
+    """Per task, the prepared model's loss on the task's own support examples before any adaptation step (a
+    meta-feature of the task that needs none of its query examples)."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), _autocast(autocast_dtype):
+        arch = model.architecture(support, sample=False)
+        losses = model.task_losses(support, model.fast_init(support.num_tasks), arch).float().tolist()
+    model.train(was_training)
+    return losses
+
+
+def support_losses_in_chunks(model, episodes: list, encode: Callable[[list, str], TaskBatch], *, chunk: int,
+                             autocast_dtype: torch.dtype | None = None) -> list[float]:
+    """:func:`support_losses` of every episode, ``chunk`` tasks at a time."""
+    return [loss for start in range(0, len(episodes), chunk)
+            for loss in support_losses(model, encode(episodes[start:start + chunk], "support"), autocast_dtype)]

@@ -78,11 +78,10 @@ def log_adapt_runs(uri: str, runs: list[AdaptRun], experiment: str = ADAPT_EXPER
 
     from mlflow.entities import Metric, Param
 
-    from metaprep.registry.client import mlflow_client
+    from metaprep.registry.client import ensure_experiment, mlflow_client
 
     client = mlflow_client(uri)  # a client of its own: the process's fluent tracking URI stays as it is
-    found = client.get_experiment_by_name(experiment)
-    exp = found.experiment_id if found is not None else client.create_experiment(experiment)
+    exp = ensure_experiment(client, experiment)
     ids = []
     for run in runs:
         now = int(time.time() * 1000)

@@ -82,6 +82,13 @@ def log_params(client: Any, run_id: str, params: dict[str, Any]) -> None:
     client.log_batch(run_id, params=[Param(k, str(v)[:PARAM_CHARS]) for k, v in params.items()])
 
 
+def ensure_experiment(client: Any, name: str) -> str:
+    """The id of experiment ``name`` in ``client``'s store, created if missing (the process's fluent tracking URI
+    is left as it is)."""
+    found = client.get_experiment_by_name(name)
+    return found.experiment_id if found is not None else client.create_experiment(name)
+
+
 def experiment_id(uri: str, name: str) -> str:
     """The id of experiment ``name`` on ``uri`` (created if missing); also makes ``uri`` the fluent API's store."""
     import mlflow

@@ -62,6 +62,14 @@ def registered_version(uri: str, tracking: str | None) -> tuple[str, str]:
     return m["name"], str(mv.version)
 
 
+def registered_source(uri: str, tracking: str | None) -> str:
+    """The artifact source of the version ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` names."""
+    m = _URI.match(uri)
+    if not m:
+        raise RegistryError(f"{uri}: malformed registry URI; expected models:/NAME@ALIAS or models:/NAME/VERSION")
+    return _model_version(uri, m, tracking)[1].source
+
+
 def companion_controller(base: str, tracking: str | None) -> str:
     """The controller prepared with ``base``: for ``models:/NAME-base@ALIAS`` (or ``/VERSION``) the
     ``NAME-controller`` version registered from the same MLflow run; for a folder ``X/base``, ``X/controller``

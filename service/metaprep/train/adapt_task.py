@@ -23,8 +23,7 @@ import torch
 from metaprep.errors import ConfigError, DataError
 from metaprep.progress import duration, say
 
-SETTINGS = ("given", "recommended")
-DEFAULT_STEPS = 10
+DEFAULT_STEPS = 10  # jobs.adapt --steps
 
 if TYPE_CHECKING:  # torch loads only once the arguments are checked
     from metaprep.tasks.base import Episode, Task
@@ -71,19 +70,21 @@ def draw_episode(task: Task, shots: int, query_size: int, seed: int) -> Episode:
     return dataclasses.replace(episode, query=episode.query[:query_size])
 
 
-def meta_features(task: Task, support, tokenizer, zero_shot_loss: float) -> dict[str, float]:
+def meta_features(task: Task, support, tokenizer, support_loss: float) -> dict[str, float]:
     """Cheap, model-aware descriptors of the task (inputs of the configuration recommender)."""
-    return task_meta_features(task, int(support.input_ids.shape[1]), tokenizer, zero_shot_loss)
+    return task_meta_features(task, int(support.input_ids.shape[1]), tokenizer, support_loss)
 
 
-def task_meta_features(task: Task, shots: int, tokenizer, zero_shot_loss: float) -> dict[str, float]:
-    """:func:`meta_features` of ``task`` adapted from ``shots`` support examples (its query loss before
-    adapting: ``zero_shot_loss``)."""
+def task_meta_features(task: Task, shots: int, tokenizer, support_loss: float) -> dict[str, float]:
+    """:func:`meta_features` of ``task`` adapted from ``shots`` support examples: its size, example lengths in
+    tokens, prompt share, ``shots`` and ``support_loss``, the prepared model's loss on the support examples
+    before adapting (:func:`metaprep.meta.adapt.support_losses`; no query example is used, so a setting chosen
+    from these never sees the examples it is judged on)."""
     lengths = [len(tokenizer.encode(e.prompt + e.target)) for e in task.examples]
     return {"n_examples": float(len(task.examples)), "mean_tokens": sum(lengths) / len(lengths),
             "prompt_fraction": sum(len(e.prompt) for e in task.examples) /
             max(1, sum(len(e.prompt) + len(e.target) for e in task.examples)),
-            "zero_shot_loss": zero_shot_loss, "shots": float(shots)}
+            "support_loss": support_loss, "shots": float(shots)}
 
 
 def report_step(steps: int) -> Callable[[int, list[float]], None]:
@@ -162,8 +163,7 @@ def adapt_registered(base: str, controller: str | None = None, *, tasks: str | N
 
     chosen = None
     if model_settings is not None:
-        chosen = recommend_settings(model_settings, model, picked, support, query, loaded.tokenizer,
-                                    autocast_dtype(cfg))
+        chosen = recommend_settings(model_settings, model, picked, support, loaded.tokenizer, autocast_dtype(cfg))
         lr, steps, optimizer = chosen["setting"]["lr"], int(chosen["setting"]["steps"]), chosen["setting"]["optimizer"]
 
     say("adapt", f"task {picked.name}: {shots} support / {len(episode.query)} query examples, {steps} steps at lr "
@@ -174,7 +174,8 @@ def adapt_registered(base: str, controller: str | None = None, *, tasks: str | N
     curve = [c[0] for c in result.curve]
     report_curve(curve, time.perf_counter() - t_adapt)
     if not all(math.isfinite(c) for c in curve):
-        raise DataError(f"adaptation diverged (query loss {curve[-1]}) at --lr {lr}; use a smaller --lr")
+        fix = ("use --settings given with a smaller --lr" if chosen is not None else "use a smaller --lr")
+        raise DataError(f"adaptation diverged (query loss {curve[-1]}) at lr {lr:g}; {fix}")
     summary = {
         "task": picked.name, "shots": shots, "steps": steps, "lr": lr, "optimizer": optimizer,
         "n_query": len(episode.query),
@@ -202,7 +203,10 @@ def adapt_registered(base: str, controller: str | None = None, *, tasks: str | N
         if "peft" in staged:
             save_peft(model, result.fast, 0, staged["peft"], loaded.tokenizer, published=exports["peft"])
         if log_mlflow:
-            features = meta_features(picked, support, loaded.tokenizer, summary["query_loss_before"])
+            from metaprep.meta.adapt import support_losses
+
+            features = chosen["meta_features"] if chosen is not None else meta_features(
+                picked, support, loaded.tokenizer, support_losses(model, support, autocast_dtype(cfg))[0])
             summary["mlflow_run_id"] = _log_run(cfg, picked, features, result.fast, summary)
         if register:
             from metaprep.registry.pyfunc import register_adapted
@@ -215,16 +219,15 @@ def adapt_registered(base: str, controller: str | None = None, *, tasks: str | N
     return summary
 
 
-def recommend_settings(found: tuple, model, task: Task, support, query, tokenizer, dtype) -> dict:
+def recommend_settings(found: tuple, model, task: Task, support, tokenizer, dtype) -> dict:
     """``--settings recommended``: the setting that the base's settings model (``found``: the model and where it
     came from, :func:`~metaprep.train.learn_settings.load_settings_for`) chooses for ``task`` from its
-    meta-features (with the query loss before adapting), printed with the reason; the summary's ``settings``."""
-    from metaprep.meta.adapt import adapt
+    meta-features (no query example among them), printed with the reason; the summary's ``settings``."""
+    from metaprep.meta.adapt import support_losses
     from metaprep.transfer.adapt_settings import describe
 
     model_settings, source = found
-    before = adapt(model, support, query, 0, 0.0, "sgd", autocast_dtype=dtype).query_loss_before
-    features = meta_features(task, support, tokenizer, before)
+    features = meta_features(task, support, tokenizer, support_losses(model, support, dtype)[0])
     setting, why = model_settings.choose(features)
     say("adapt", f"settings from {source}: {describe(setting)}: {why}")
     return {"source": source, "setting": setting, "rule": model_settings.rule, "reason": why,
@@ -232,8 +235,10 @@ def recommend_settings(found: tuple, model, task: Task, support, query, tokenize
 
 
 def _check_settings(settings: str, settings_model: str | None, lr: float | None, steps: int | None) -> None:
-    if settings not in SETTINGS:
-        raise ConfigError(f"--settings {settings!r}: choose from {list(SETTINGS)}")
+    from metaprep.transfer.adapt_settings import MODES
+
+    if settings not in MODES:
+        raise ConfigError(f"--settings {settings!r}: choose from {list(MODES)}")
     if settings == "recommended" and (lr is not None or steps is not None):
         raise ConfigError("--settings recommended chooses --lr and --steps; drop them, or use --settings given")
     if settings_model and settings != "recommended":
@@ -335,7 +340,7 @@ def _log_run(cfg, task: Task, features: dict[str, float], fast, summary: dict) -
         task=task.name, meta_features=features, curve=summary["curve"], final_loss=summary["query_loss_after"],
         cost_s=summary["wall_s"],
         config={"lr": summary["lr"], "steps": summary["steps"], "shots": summary["shots"], "rank": cfg.reparam.rank,
-                "reparam": cfg.reparam.kind, "algorithm": cfg.algorithm, "inner_optimizer": summary["optimizer"]},
+                "reparam": cfg.reparam.kind, "algorithm": cfg.algorithm, "optimizer": summary["optimizer"]},
         extra_params={"base": summary["base"], "controller": summary["controller"]},
         extra_metrics={"query_loss_before": summary["query_loss_before"],
                        "perplexity_after": summary["perplexity_after"]})

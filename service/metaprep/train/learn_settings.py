@@ -18,8 +18,9 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from metaprep.errors import ConfigError, DataError
+from metaprep.errors import ConfigError, DataError, RegistryError
 from metaprep.progress import Progress, duration, say
+from metaprep.transfer.adapt_settings import OPTIMIZERS, SHOTS, STEPS
 
 SETTINGS_SUFFIX = "-settings"
 EVAL_CHUNK = 8  # tasks adapted together in one batched inner loop
@@ -31,10 +32,10 @@ def settings_name(base_name: str) -> str:
 
 
 def learn_settings(base: str, controller: str | None = None, *, tasks: str | None = None, data_dir: str | None = None,
-                   max_tasks: int = 20, shots: tuple[int, ...] = (4, 8), steps: tuple[int, ...] | None = None,
-                   lrs: tuple[float, ...] | None = None, optimizers: tuple[str, ...] | None = None,
-                   query_size: int = 8, seed: int = 0, out: str | None = None, register: str | None = None,
-                   log_mlflow: bool = True) -> dict:
+                   max_tasks: int = 20, shots: tuple[int, ...] = SHOTS, steps: tuple[int, ...] = STEPS,
+                   lrs: tuple[float, ...] | None = None, optimizers: tuple[str, ...] = OPTIMIZERS,
+                   query_size: int = 8, seed: int = 0, out: str | None = None, overwrite: bool = False,
+                   register: str | None = None, log_mlflow: bool = True) -> dict:
     """Adapt ``base`` to its own tasks under a settings grid, learn the settings model, save and register it.
 
     ``lrs`` default to the recipe's inner lr x :data:`~metaprep.transfer.adapt_settings.LR_FACTORS`; ``out``:
@@ -45,8 +46,6 @@ def learn_settings(base: str, controller: str | None = None, *, tasks: str | Non
     """
     from metaprep.transfer import adapt_settings as ts
 
-    steps = tuple(steps or ts.STEPS)
-    optimizers = tuple(optimizers or ts.OPTIMIZERS)
     _check_args(shots, steps, optimizers, max_tasks, query_size)
     if register:
         from metaprep.registry.names import check_model_name
@@ -66,9 +65,7 @@ def learn_settings(base: str, controller: str | None = None, *, tasks: str | Non
     name = register or (settings_name(base_name) if registry_base and log_mlflow else None)
     target = Path(out).expanduser() if out else (None if registry_base else Path(base).parent / "settings")
     if target is not None:
-        from metaprep.jsonio import check_writable
-
-        check_writable(target, "the --out folder", ConfigError, folder=True)
+        _check_target(target, overwrite)
 
     say("learn_settings", f"loading {base} ...")
     from metaprep.registry.artifacts import load_prepared
@@ -77,11 +74,16 @@ def learn_settings(base: str, controller: str | None = None, *, tasks: str | Non
     controller = controller or companion_controller(base, tracking)
     model, loaded, cfg = load_prepared(resolve_artifact(base, tracking), resolve_artifact(controller, tracking))
     pool = _training_tasks(cfg, tasks, data_dir, max(shots) + query_size)
+    if tasks is not None:
+        from metaprep.train.adapt_task import _check_family
+
+        for task in pool:
+            _check_family(task, cfg.tasks.family, tasks)
     chosen = random.Random(seed).sample(pool, min(max_tasks, len(pool)))
     grid = ts.settings_grid(lrs or [cfg.meta.inner_lr * f for f in ts.LR_FACTORS], optimizers, steps)
     pairs = sorted({(s["lr"], s["optimizer"]) for s in grid})
 
-    from metaprep.meta.adapt import adapt_in_chunks
+    from metaprep.meta.adapt import adapt_in_chunks, support_losses_in_chunks
     from metaprep.runtime import configure_process
     from metaprep.tasks.base import fixed_episodes
     from metaprep.tasks.families import batch_encoder_for
@@ -94,30 +96,41 @@ def learn_settings(base: str, controller: str | None = None, *, tasks: str | Non
                              f"= {len(chosen) * len(shots) * len(grid)} adapt runs")
     episodes = {k: fixed_episodes(chosen, k, query_size, seed) for k in shots}
     results = {}
+    def encode(chunk: list, part: str):
+        return encode_batch(chunk, part, loaded.tokenizer, seq_len)
+
     for k, eps in episodes.items():
         def adapt_curve(lr: float, optimizer: str, most: int, eps=eps, k=k) -> list[list[float]]:
             unit = f"shots {k}, lr {lr:g} {optimizer}, {most} steps, {len(eps)} tasks"
             progress.start(unit)
-            curve = adapt_in_chunks(model, eps, lambda chunk, part: encode_batch(chunk, part, loaded.tokenizer,
-                                                                                  seq_len),
-                                    most, lr, optimizer, chunk=EVAL_CHUNK, autocast_dtype=dtype)
+            curve = adapt_in_chunks(model, eps, encode, most, lr, optimizer, chunk=EVAL_CHUNK, autocast_dtype=dtype)
             progress.done(unit, f"mean query loss {_mean(curve[0]):.4f} -> {_mean(curve[-1]):.4f}")
             return curve
-        results[k] = ts.adapt_grid(adapt_curve, len(eps), grid)
+        support = support_losses_in_chunks(model, eps, encode, chunk=EVAL_CHUNK, autocast_dtype=dtype)
+        results[k] = ts.adapt_grid(adapt_curve, support, grid)
     progress.finish()
-    runs = ts.build_runs(chosen, episodes, loaded.tokenizer, grid, results, label, uuid.uuid4().hex[:8])
+    batch = uuid.uuid4().hex[:12]
+    runs = ts.build_runs(chosen, episodes, loaded.tokenizer, grid, results, label, batch)
 
     metadataset = None
     if tracking:
+        from mlflow.exceptions import MlflowException
+
         from metaprep.registry.adapt_runs import log_adapt_runs
         from metaprep.transfer.formats import read_mlflow_adapt_runs
 
-        say("learn_settings", f"logging {len(runs)} adapt runs to {tracking} (experiment {ts.EXPERIMENT}, "
-                              f"tag prepared_model={label}) ...")
-        log_adapt_runs(tracking, runs, ts.EXPERIMENT, tags={"prepared_model": label})
-        metadataset = read_mlflow_adapt_runs(tracking, ts.EXPERIMENT, where=f"tags.prepared_model = '{label}'")
-        say("learn_settings", f"the surrogate learns from {len(metadataset.rows)} adapt runs of {label} in MLflow "
-                              "(this job's and any earlier ones)")
+        tags = {"prepared_model": label, "batch": batch}
+        say("learn_settings", f"logging {len(runs)} adapt runs to {tracking} (experiment {ts.EXPERIMENT}, tags "
+                              f"prepared_model={label}, batch={batch}) ...")
+        try:
+            log_adapt_runs(tracking, runs, ts.EXPERIMENT, tags=tags)
+        except MlflowException as exc:
+            raise RegistryError(f"{tracking}: cannot log the adapt runs ({exc.message.splitlines()[0]})") from None
+        # the surrogate learns from exactly these runs as MLflow returns them: the rows its rule was
+        # cross-validated on (another job's runs of the same model are another batch)
+        metadataset = read_mlflow_adapt_runs(tracking, ts.EXPERIMENT, where=" and ".join(
+            f"tags.{k} = '{v}'" for k, v in tags.items()))
+        say("learn_settings", f"read back {len(metadataset.rows)} adapt runs of {label} from MLflow")
     say("learn_settings", f"fitting the surrogate and cross-validating it over {len(chosen)} tasks ...")
     settings = ts.AdaptSettings.learn(runs, grid, label, seed=seed, metadataset=metadataset)
     settings.extra = {"base": base, "controller": controller, "shots": list(shots), "query_size": query_size,
@@ -125,12 +138,12 @@ def learn_settings(base: str, controller: str | None = None, *, tasks: str | Non
     say("learn_settings", f"rule: {settings.rule} (held-out regret surrogate {settings.cv['surrogate']:.4f}, "
                           f"best fixed setting {settings.cv['fixed']:.4f} nats over {settings.cv['n']} (task, shots) "
                           f"pairs); best fixed setting {ts.describe(settings.fixed)}")
-    summary = {"base": base, "controller": controller, "prepared_model": label, "runs": len(runs),
+    summary = {"base": base, "controller": controller, "prepared_model": label, "batch": batch, "runs": len(runs),
                "logged_runs": len(metadataset.rows) if metadataset is not None else None, "tasks": len(chosen),
                "grid": grid, "rule": settings.rule, "cross_validation": settings.cv, "fixed_setting": settings.fixed,
                "wall_s": round(progress.elapsed(), 1)}
     with tempfile.TemporaryDirectory() as tmp:
-        folder = settings.save(target if target is not None else Path(tmp) / "settings")
+        folder = settings.save(target if target is not None else Path(tmp) / "settings")  # atomic
         if target is not None:
             summary["settings_dir"] = str(folder)
         if name:
@@ -154,8 +167,8 @@ def _mean(values: list[float]) -> float:
 
 def _label(base: str, tracking: str | None) -> tuple[str, str | None, str | None]:
     """(``prepared_model`` tag, registered base name, version) of ``base``: ``NAME-base/VERSION`` for a registry
-    URI (an alias resolved to its version, so runs stay with the weights they were measured on), else a label
-    of the folder (``local-<id>``: its runs are not mixed with another folder's)."""
+    URI (an alias resolved to its version, so runs stay with the weights they were measured on), else a new
+    ``local-<id>`` for a folder (nothing identifies a folder's weights across runs)."""
     if base.startswith("models:/"):
         if tracking is None:
             raise ConfigError("--no-mlflow: a registered --base (models:/...) needs MLflow; give an exported folder")
@@ -188,19 +201,31 @@ def _training_tasks(cfg, tasks: str | None, data_dir: str | None, need: int) -> 
 
 
 def _check_args(shots, steps, optimizers, max_tasks: int, query_size: int) -> None:
-    from metaprep.transfer.adapt_settings import OPTIMIZERS
-
     bad = [o for o in optimizers if o not in OPTIMIZERS]
     if bad:
         raise ConfigError(f"--optimizers: {bad} not valid; choose from {list(OPTIMIZERS)}")
-    for flag, value in (("--max-tasks", max_tasks), ("--query-size", query_size)):
-        if value < 1:
-            raise ConfigError(f"{flag}: must be >= 1, got {value}")
     if max_tasks < 2:
-        raise ConfigError("--max-tasks: must be >= 2 (the rule is cross-validated over tasks)")
-    if not shots or not steps:
-        raise ConfigError("--shots / --steps: give at least one value each")
+        raise ConfigError(f"--max-tasks: must be >= 2 (the rule is cross-validated over tasks), got {max_tasks}")
+    if query_size < 1:
+        raise ConfigError(f"--query-size: must be >= 1, got {query_size}")
+    if not shots or not steps or not optimizers:
+        raise ConfigError("--shots / --steps / --optimizers: give at least one value each")
 
+
+def _check_target(target: Path, overwrite: bool) -> None:
+    """The settings folder: new, or an earlier settings model replaced only with ``overwrite``; writable."""
+    from metaprep.jsonio import check_writable
+    from metaprep.transfer.adapt_settings import SPEC_FILE
+
+    if target.exists() and not target.is_dir():
+        raise ConfigError(f"--out {target}: is a file; expected a new folder")
+    if target.is_dir() and any(target.iterdir()):
+        if not (target / SPEC_FILE).is_file():
+            raise ConfigError(f"--out {target}: a non-empty folder that is not a settings model; choose a new folder")
+        if not overwrite:
+            raise ConfigError(f"--out {target}: holds a settings model from an earlier run; pass --overwrite to "
+                              "replace it (written whole, then swapped in)")
+    check_writable(target, "the settings folder", ConfigError, folder=True)
 
 
 def load_settings_for(base: str, settings_model: str | None, tracking: str | None = None):
@@ -217,7 +242,11 @@ def load_settings_for(base: str, settings_model: str | None, tracking: str | Non
                               f"missing); {hint}")
         return AdaptSettings.load(folder), str(folder)
     if settings_model is not None and not settings_model.startswith("models:/"):
-        return AdaptSettings.load(Path(settings_model).expanduser()), settings_model
+        found = AdaptSettings.load(Path(settings_model).expanduser())
+        if found.extra.get("base") not in (None, base):
+            say("adapt", f"note: --settings-model {settings_model} was learned for {found.extra['base']}, not for "
+                         f"--base {base}")
+        return found, settings_model
     from metaprep.registry.tracking import reachable_tracking_uri
 
     tracking = reachable_tracking_uri(tracking)
@@ -230,12 +259,18 @@ def load_settings_for(base: str, settings_model: str | None, tracking: str | Non
 
 def _registered_settings(base: str, tracking: str, hint: str) -> str:
     """``models:/NAME-base-settings/V``: the newest version whose tags name ``base``'s registered version."""
+    from mlflow.exceptions import MlflowException
+
     from metaprep.registry.client import mlflow_client
     from metaprep.registry.resolve import registered_version
 
     name, version = registered_version(base, tracking)
-    found = [mv for mv in mlflow_client(tracking).search_model_versions(f"name='{settings_name(name)}'")
-             if mv.tags.get("base_model") == name and mv.tags.get("base_version") == version]
+    try:
+        versions = mlflow_client(tracking).search_model_versions(f"name='{settings_name(name)}'")
+    except MlflowException as exc:
+        raise RegistryError(f"{tracking}: cannot search {settings_name(name)} "
+                            f"({exc.message.splitlines()[0]})") from None
+    found = [mv for mv in versions if mv.tags.get("base_model") == name and mv.tags.get("base_version") == version]
     if not found:
         raise ConfigError(f"--settings recommended: no {settings_name(name)} version is tagged with {name} version "
                           f"{version}; {hint}")

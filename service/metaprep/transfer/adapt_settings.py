@@ -47,8 +47,9 @@ LR_FACTORS = (0.1, 0.3, 1.0, 3.0, 10.0)  # x the recipe's inner lr: the grid rea
 CV_FOLDS = 3
 SPEC_FILE = "settings.json"
 FORMAT = 1
-DIVERGED = 1e9  # the loss a diverged setting counts as: the worst, not a NaN that poisons min/mean
+DIVERGED_MARGIN = 1.0  # nats above an episode's worst finite loss: what a diverged setting counts as
 RULES = ("surrogate", "fixed")
+MODES = ("given", "recommended")  # jobs.adapt --settings: the user's --lr/--steps, or this model's choice
 
 
 def setting_key(setting: dict) -> tuple:
@@ -61,40 +62,47 @@ def settings_grid(lrs, optimizers=OPTIMIZERS, steps=STEPS) -> list[dict]:
             for lr in sorted({float(v) for v in lrs}) for opt in optimizers for s in sorted(set(steps))]
 
 
-def finite(x: float) -> float:
-    return x if math.isfinite(x) else DIVERGED
-
-
-def adapt_grid(adapt_curve: Callable[[float, str, int], list[list[float]]], n_episodes: int, grid: list[dict]
-               ) -> tuple[list[dict[tuple, float]], list[float], dict]:
+def adapt_grid(adapt_curve: Callable[[float, str, int], list[list[float]]], support_loss: list[float],
+               grid: list[dict]) -> tuple[list[dict[tuple, float]], list[float], dict]:
     """Every episode under every setting of ``grid``; ``adapt_curve(lr, optimizer, steps)`` adapts all episodes
-    and returns per step (0 = before) per episode query losses. One adaptation per (lr, optimizer) gives every
-    step count. Returns per episode {setting key: query loss}, per episode the loss before adapting, and
-    ``{"curves": {(lr, optimizer): per-episode curve}, "seconds": {(lr, optimizer): seconds per episode}}``."""
+    and returns per step (0 = before) per episode query losses; ``support_loss``: per episode the loss on its
+    support examples before adapting (:func:`metaprep.meta.adapt.support_losses_in_chunks`). One adaptation per
+    (lr, optimizer) gives every step count. Returns per episode {setting key: query loss}, ``support_loss``, and
+    ``{"curves": {(lr, optimizer): per-episode curve}, "seconds": {(lr, optimizer): seconds per episode}}``.
+
+    A diverged value (NaN, inf) counts as the episode's worst finite loss over the grid + :data:`DIVERGED_MARGIN`
+    nats: the worst setting, without a huge number that would squash every other setting together in the
+    surrogate's per-task min-max scaling."""
+    n_episodes = len(support_loss)
     most = max(int(s["steps"]) for s in grid)
-    losses: list[dict[tuple, float]] = [{} for _ in range(n_episodes)]
-    zero_shot = [math.nan] * n_episodes
     curves: dict[tuple, list[list[float]]] = {}
     seconds: dict[tuple, float] = {}
     for lr, opt in sorted({(s["lr"], s["optimizer"]) for s in grid}):
         t0 = time.perf_counter()
-        curve = adapt_curve(lr, opt, most)
+        curves[(lr, opt)] = adapt_curve(lr, opt, most)
         seconds[(lr, opt)] = (time.perf_counter() - t0) / max(1, n_episodes)
-        curves[(lr, opt)] = curve
-        zero_shot = list(curve[0])
-    for s in grid:
-        curve = curves[(s["lr"], s["optimizer"])]
-        for i in range(n_episodes):
-            losses[i][setting_key(s)] = finite(curve[int(s["steps"])][i])
-    per_episode = {k: [[c[step][i] for step in range(len(c))] for i in range(n_episodes)] for k, c in curves.items()}
-    return losses, zero_shot, {"seconds": seconds, "curves": per_episode}
+    per_episode = {k: [[_or(c[step][i]) for step in range(len(c))] for i in range(n_episodes)]
+                   for k, c in curves.items()}
+    for i in range(n_episodes):
+        finite = [v for k in per_episode for v in per_episode[k][i] if v is not None]
+        cap = (max(finite) if finite else support_loss[i]) + DIVERGED_MARGIN
+        for k in per_episode:
+            per_episode[k][i] = [cap if v is None else v for v in per_episode[k][i]]
+    losses = [{setting_key(s): per_episode[(s["lr"], s["optimizer"])][i][int(s["steps"])] for s in grid}
+              for i in range(n_episodes)]
+    return losses, list(support_loss), {"seconds": seconds, "curves": per_episode}
+
+
+def _or(x: float) -> float | None:
+    return x if math.isfinite(x) else None
 
 
 def build_runs(tasks: list[Task], episodes_by_shots: dict[int, list[Episode]], tokenizer, grid: list[dict],
                results: dict[int, tuple], label: str, batch: str) -> list[AdaptRun]:
     """The adapt runs of the training episodes: one per (task, shots, setting). A run's dataset id is
     ``TASK@SHOTS:LABEL:BATCH`` (meta-features are constant per id, so every job's runs of every prepared model
-    can share one experiment); ``task_name`` and ``shots`` are kept as params for :func:`cross_validate`."""
+    can share one experiment); ``task_name`` and ``shots`` are kept as params for :func:`cross_validate`, and
+    ``batch`` names the job that made them."""
     from metaprep.registry.adapt_runs import AdaptRun
     from metaprep.train.adapt_task import task_meta_features
 
@@ -102,16 +110,16 @@ def build_runs(tasks: list[Task], episodes_by_shots: dict[int, list[Episode]], t
     most = max(int(s["steps"]) for s in grid)
     runs = []
     for shots, episodes in episodes_by_shots.items():
-        losses, zero_shot, info = results[shots]
+        losses, support_loss, info = results[shots]
         for i, ep in enumerate(episodes):
-            meta = task_meta_features(by_name[ep.task], shots, tokenizer, zero_shot[i])
+            meta = task_meta_features(by_name[ep.task], shots, tokenizer, support_loss[i])
             for s in grid:
                 curve = info["curves"][(s["lr"], s["optimizer"])][i][: int(s["steps"]) + 1]
                 runs.append(AdaptRun(
                     task=f"{ep.task}@{shots}:{label}:{batch}", config=dict(s), meta_features=meta,
-                    curve=[finite(v) for v in curve], final_loss=losses[i][setting_key(s)],
+                    curve=list(curve), final_loss=losses[i][setting_key(s)],
                     cost_s=info["seconds"][(s["lr"], s["optimizer"])] * s["steps"] / most,
-                    extra_params={"prepared_model": label, "task_name": ep.task, "shots": shots}))
+                    extra_params={"prepared_model": label, "batch": batch, "task_name": ep.task, "shots": shots}))
     return runs
 
 
@@ -185,8 +193,9 @@ class AdaptSettings:
     @classmethod
     def learn(cls, runs: list[AdaptRun], grid: list[dict], prepared_model: str, *, seed: int = 0,
               metadataset=None, fit_kwargs: dict | None = None, folds: int = CV_FOLDS) -> AdaptSettings:
-        """Fit the surrogate on ``metadataset`` (the runs as MLflow gives them back; default ``runs`` in memory),
-        the fixed setting on ``runs``, and choose the rule by :func:`cross_validate`."""
+        """Fit the surrogate on ``metadataset`` (``runs`` as MLflow gives them back; default ``runs`` in memory:
+        the same rows either way, so the cross-validation describes the surrogate that is kept), the fixed
+        setting on ``runs``, and choose the rule by :func:`cross_validate`."""
         cv = cross_validate(runs, grid, folds=folds, seed=seed, fit_kwargs=fit_kwargs)
         recommender = fit_recommender(metadataset if metadataset is not None else runs, seed, fit_kwargs)
         rule = "surrogate" if cv["surrogate"] < cv["fixed"] else "fixed"
@@ -206,12 +215,28 @@ class AdaptSettings:
                                   f"pick {describe(top.config)}); fixed setting chosen by cross-validation, {cv}")
 
     def save(self, dirpath: str | Path) -> Path:
+        """Write the model to ``dirpath`` (replaced whole: written next to it first, then renamed into place, so a
+        crash never leaves a mix of two models)."""
         import json
+        import shutil
+        import uuid
 
-        dirpath = self.recommender.save(dirpath)
-        spec = {"format": FORMAT, "grid": self.grid, "fixed": self.fixed, "rule": self.rule, "cv": self.cv,
-                "prepared_model": self.prepared_model, "runs": self.runs, **self.extra}
-        (dirpath / SPEC_FILE).write_text(json.dumps(spec, indent=1, sort_keys=True) + "\n")
+        dirpath = Path(dirpath)
+        staged = dirpath.with_name(f".{dirpath.name}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            self.recommender.save(staged)
+            spec = {**self.extra, "format": FORMAT, "grid": self.grid, "fixed": self.fixed, "rule": self.rule,
+                    "cv": self.cv, "prepared_model": self.prepared_model, "runs": self.runs}
+            (staged / SPEC_FILE).write_text(json.dumps(spec, indent=1, sort_keys=True) + "\n")
+            if dirpath.exists():
+                old = dirpath.with_name(f".{dirpath.name}.{uuid.uuid4().hex[:8]}.old")
+                dirpath.rename(old)
+                staged.rename(dirpath)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                staged.rename(dirpath)
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
         return dirpath
 
     @classmethod
@@ -224,15 +249,43 @@ class AdaptSettings:
             raise ModelLoadError(f"{dirpath}: not an adaptation-settings model ({SPEC_FILE} missing); write one "
                                  "with python -m jobs.learn_settings")
         spec = read_json(path, "adaptation settings", ModelLoadError)
-        missing = [k for k in ("grid", "fixed", "rule", "cv", "prepared_model", "runs")
-                   if not isinstance(spec, dict) or k not in spec]
-        if missing or spec.get("format") != FORMAT or spec["rule"] not in RULES or not spec["grid"]:
-            raise ModelLoadError(f"{path}: not a format-{FORMAT} settings spec (missing {missing or 'nothing'}, rule "
-                                 f"{spec.get('rule') if isinstance(spec, dict) else None!r}; valid rules {RULES})")
-        extra = {k: v for k, v in spec.items() if k not in {"format", "grid", "fixed", "rule", "cv", "prepared_model",
-                                                            "runs"}}
+        problem = _spec_problem(spec)
+        if problem:
+            raise ModelLoadError(f"{path}: {problem} (write it again with python -m jobs.learn_settings)")
+        extra = {k: v for k, v in spec.items() if k not in SPEC_KEYS and k != "format"}
         return cls(Recommender.load(dirpath), spec["grid"], spec["fixed"], spec["rule"], spec["cv"],
                    spec["prepared_model"], int(spec["runs"]), extra)
+
+
+SPEC_KEYS = ("grid", "fixed", "rule", "cv", "prepared_model", "runs")
+
+
+def _is_setting(value: object) -> bool:
+    return isinstance(value, dict) and isinstance(value.get("optimizer"), str) and all(
+        isinstance(value.get(k), int | float) and value[k] > 0 for k in ("lr", "steps"))
+
+
+def _spec_problem(spec: object) -> str:
+    """What is wrong with a loaded ``settings.json`` ('' when nothing)."""
+    if not isinstance(spec, dict):
+        return "must be a JSON object"
+    missing = [k for k in SPEC_KEYS if k not in spec]
+    if missing:
+        return f"missing keys {missing}"
+    if spec.get("format") != FORMAT:
+        return f"format {spec.get('format')!r}; this version reads format {FORMAT}"
+    if spec["rule"] not in RULES:
+        return f"rule {spec['rule']!r}; valid rules {RULES}"
+    if not isinstance(spec["grid"], list) or not spec["grid"] or not all(_is_setting(g) for g in spec["grid"]):
+        return "grid must be a non-empty list of {lr, optimizer, steps} settings"
+    if not _is_setting(spec["fixed"]):
+        return "fixed must be a {lr, optimizer, steps} setting"
+    if not isinstance(spec["cv"], dict) or not all(isinstance(spec["cv"].get(k), int | float)
+                                                   for k in ("surrogate", "fixed", "n")):
+        return "cv must hold numbers surrogate, fixed and n"
+    if not isinstance(spec["runs"], int) or not isinstance(spec["prepared_model"], str):
+        return "runs must be an integer and prepared_model a string"
+    return ""
 
 
 def describe(setting: dict) -> str:

@@ -11,6 +11,7 @@ stages).
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from metaprep.errors import RegistryError
@@ -23,7 +24,6 @@ def register_surrogate(surrogate_dir: str | Path, name: str, tracking_uri: str, 
                        tags: dict[str, str] | None = None) -> dict:
     """Log ``surrogate_dir`` as artifacts and register it; returns name, version, run id and source URI."""
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
     check_model_name(name)
     surrogate_dir = Path(surrogate_dir)
@@ -37,15 +37,16 @@ def register_surrogate(surrogate_dir: str | Path, name: str, tracking_uri: str, 
     version_tags = {"kind": spec.get("kind", ""), "meta_features": ",".join(spec.get("meta_features", [])),
                     "members": str(spec.get("members", "")), "format": "safetensors+json",
                     **(tags or {})}
-    try:  # a client of its own: the process's fluent tracking URI (another test's, another job's) is left alone
-        client = MlflowClient(tracking_uri=tracking_uri)
-        found = client.get_experiment_by_name(EXPERIMENT)
-        experiment = found.experiment_id if found is not None else client.create_experiment(EXPERIMENT)
-        run = client.create_run(experiment, run_name=f"surrogate-{name}", tags=version_tags)
+    from metaprep.registry.client import ensure_experiment, log_params, mlflow_client
+
+    run_id = None
+    client = mlflow_client(tracking_uri)  # its own client, retried: the process's fluent tracking URI is left alone
+    try:
+        run = client.create_run(ensure_experiment(client, EXPERIMENT), run_name=f"surrogate-{name}",
+                                tags=version_tags)
         run_id = run.info.run_id
-        for key, value in {"members": spec.get("members"), "hidden": spec.get("hidden"),
-                           "performance": spec.get("performance_desc", "")}.items():
-            client.log_param(run_id, key, str(value))
+        log_params(client, run_id, {"members": spec.get("members"), "hidden": spec.get("hidden"),
+                                    "performance": spec.get("performance_desc", "")})
         client.log_artifacts(run_id, str(surrogate_dir), artifact_path=ARTIFACT_PATH)
         client.set_terminated(run_id)
         # the artifact URI itself: MLflow 3 resolves ``runs:/`` sources to logged *models*, and
@@ -58,20 +59,28 @@ def register_surrogate(surrogate_dir: str | Path, name: str, tracking_uri: str, 
                 raise
         version = client.create_model_version(name, source, run_id=run_id, tags=version_tags)
     except MlflowException as exc:
+        if run_id is not None:
+            with contextlib.suppress(MlflowException):
+                client.set_terminated(run_id, "FAILED")
         raise RegistryError(f"{tracking_uri}: cannot register surrogate {name!r} "
                             f"({exc.message.splitlines()[0]})") from None
     return {"name": name, "version": str(version.version), "run_id": run_id, "source": source}
 
 
 def download_surrogate(model_uri: str, dst: str | Path, tracking_uri: str) -> Path:
-    """Download a registered surrogate (``models:/NAME/VERSION`` or ``models:/NAME@alias``) to ``dst``."""
+    """Download a registered surrogate (``models:/NAME/VERSION`` or ``models:/NAME@alias``) to ``dst``: the version
+    is looked up in ``tracking_uri``'s registry (not the process's fluent registry URI, which another job or test
+    may have set), then its source folder is downloaded."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    from metaprep.registry.resolve import registered_source
+
+    source = registered_source(model_uri, tracking_uri)
     try:
-        path = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst), tracking_uri=tracking_uri)
+        path = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst), tracking_uri=tracking_uri)
     except MlflowException as exc:
-        raise RegistryError(f"{model_uri}: cannot download ({exc.message.splitlines()[0]})") from None
+        raise RegistryError(f"{model_uri}: cannot download {source} ({exc.message.splitlines()[0]})") from None
     return Path(path)
 
 
