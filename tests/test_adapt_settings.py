@@ -20,7 +20,7 @@ GRID = settings_grid([0.001, 0.01, 0.1], ("adam", "sgd"), (2, 5))
 
 
 def _runs(best_depends_on_meta: bool, tasks: int = 12, seed: int = 0) -> list[AdaptRun]:
-    """Runs of GRID on ``tasks`` tasks x 2 shots. The best lr follows the task's zero-shot loss when
+    """Runs of GRID on ``tasks`` tasks x 2 shots. The best lr follows the task's support loss when
     ``best_depends_on_meta`` (low loss: 0.001, high: 0.1), else it is 0.01 for every task; adam beats sgd and
     5 steps beat 2 everywhere."""
     rng = random.Random(seed)
@@ -54,11 +54,11 @@ def test_cross_validation_trusts_the_surrogate_where_the_best_setting_follows_th
 
 
 def test_where_one_setting_is_best_everywhere_the_fixed_setting_is_kept() -> None:
-    """Every task's best is (0.01, adam, 5), the other settings lose >= 0.1 nats: the fixed setting's held-out
-    regret is the noise (< 0.01), and a surrogate can at best tie it, which keeps the fixed setting."""
+    """Every task's best lr is 0.01 with adam (5 steps beat 2): the best fixed setting's held-out regret is the
+    noise (< 0.01), and a surrogate can at best tie it, which keeps the fixed setting."""
     runs = _runs(best_depends_on_meta=False)
     settings = AdaptSettings.learn(runs, GRID, "m", fit_kwargs=FIT)
-    assert setting_key(settings.fixed) == (0.01, "adam", 5)
+    assert setting_key(settings.fixed)[:2] == (0.01, "adam") and settings.fixed["steps"] == 5
     assert settings.cv["fixed"] < 0.01 and settings.cv["surrogate"] >= settings.cv["fixed"]
     assert settings.rule == "fixed"
     chosen, why = settings.choose({"support_loss": 3.0, "shots": 8.0, "noise": 0.1})
@@ -106,7 +106,7 @@ def test_saving_replaces_a_settings_model_whole(tmp_path, monkeypatch) -> None:
     second = AdaptSettings.learn(_runs(False, tasks=4), GRID, "second", fit_kwargs={"steps": 50, "members": 2})
 
     def broken(self, dirpath):
-        Path(dirpath).mkdir(parents=True)
+        Path(dirpath).mkdir(parents=True, exist_ok=True)  # where a non-atomic save would write in place
         (Path(dirpath) / "surrogate.json").write_text("{")
         raise OSError("disk full")
 
@@ -227,6 +227,14 @@ def test_registered_base_gets_a_settings_model_tagged_with_its_version(prepared_
     summary = json.loads((tmp_path / "s.json").read_text())
     assert summary["prepared_model"] == "toy-base/1" and summary["logged_runs"] == 64
     assert summary["registered_model"] == "models:/toy-base-settings/1"
+    # a second job on the same base version: its own batch, read back alone, registered as version 2
+    code, out, err = _job("jobs.learn_settings", ["--base", "models:/toy-base/1", "--controller",
+                                                  "models:/toy-controller/1", "--tasks", str(tmp_path / "train.jsonl"),
+                                                  "--summary-out", str(tmp_path / "s2.json"), *LEARN], capsys)
+    assert code == 0, err
+    again = json.loads((tmp_path / "s2.json").read_text())
+    assert again["logged_runs"] == 64 and again["batch"] != summary["batch"]
+    assert again["registered_model"] == "models:/toy-base-settings/2"
     mv = client.get_model_version("toy-base-settings", "1")
     assert (mv.tags["base_model"], mv.tags["base_version"], mv.tags["rule"]) == ("toy-base", "1", summary["rule"])
 
@@ -236,7 +244,7 @@ def test_registered_base_gets_a_settings_model_tagged_with_its_version(prepared_
                                          "--settings", "recommended"], capsys)
     assert code == 0, err
     result = json.loads(out[out.index("{\n"):])
-    assert result["settings"]["source"] == "models:/toy-base-settings/1" and result["mlflow_run_id"]
+    assert result["settings"]["source"] == "models:/toy-base-settings/2" and result["mlflow_run_id"]
     assert result["settings"]["setting"] in summary["grid"]
     logged = client.get_run(result["mlflow_run_id"]).data.params
     assert logged["config.optimizer"] == result["optimizer"]
@@ -247,3 +255,21 @@ def test_registered_base_gets_a_settings_model_tagged_with_its_version(prepared_
     code, _, err = _job("jobs.adapt", ["--base", "models:/toy-base/2", "--controller", "models:/toy-controller/2",
                                        "--tasks", new_task, "--settings", "recommended"], capsys)
     assert code == 2 and "no toy-base-settings version is tagged with toy-base version 2" in err
+
+
+def test_a_diverged_setting_counts_as_the_episodes_worst_loss_plus_one_nat() -> None:
+    from metaprep.transfer.adapt_settings import DIVERGED_MARGIN, adapt_grid
+
+    grid = settings_grid([0.01, 1.0], ("sgd",), (1, 2))
+
+    def curve(lr: float, optimizer: str, steps: int) -> list[list[float]]:  # 2 episodes; lr 1.0 blows up
+        return [[3.0, 4.0], [2.5, 3.5], [2.0, 3.0]] if lr < 0.1 else [[3.0, 4.0], [9.0, float("inf")],
+                                                                       [float("nan"), float("nan")]]
+    losses, support, info = adapt_grid(curve, [3.1, 4.2], grid)
+    assert support == [3.1, 4.2]
+    assert losses[0][(0.01, "sgd", 2)] == 2.0 and losses[0][(1.0, "sgd", 1)] == 9.0
+    assert losses[0][(1.0, "sgd", 2)] == 9.0 + DIVERGED_MARGIN  # episode 0's worst finite value is 9.0
+    assert losses[1][(1.0, "sgd", 1)] == losses[1][(1.0, "sgd", 2)] == 4.0 + DIVERGED_MARGIN
+    assert info["curves"][(1.0, "sgd")][1] == [4.0, 5.0, 5.0]
+    with pytest.raises(DataError, match="not finite under any setting"):
+        adapt_grid(lambda lr, o, s: [[float("nan")]] * (s + 1), [1.0], grid)

@@ -3,9 +3,9 @@
 :func:`learn_settings` loads ``NAME-base`` (+ its controller), adapts it to up to ``max_tasks`` of its own
 meta-train and meta-val tasks (the recipe's split, or a JSONL file of tasks) from every support size of
 ``shots`` under every (lr, optimizer, steps) of the grid, logs each as an adapt run to the MLflow experiment
-:data:`~metaprep.transfer.adapt_settings.EXPERIMENT` (tag ``prepared_model`` = ``NAME-base/VERSION``), fits
-:class:`~metaprep.transfer.adapt_settings.AdaptSettings` on the runs MLflow gives back for that model and
-registers it as ``NAME-base-settings``, tagged ``base_model`` / ``base_version``: the model
+:data:`~metaprep.transfer.adapt_settings.EXPERIMENT` (tags ``prepared_model`` = ``NAME-base/VERSION`` and
+``batch``, one per job), fits :class:`~metaprep.transfer.adapt_settings.AdaptSettings` on this job's runs as
+MLflow gives them back and registers it as ``NAME-base-settings``, tagged ``base_model`` / ``base_version``: the model
 ``jobs.adapt --settings recommended`` uses for that base. A folder base saves the settings to ``X/settings``
 next to ``X/base``, where ``jobs.adapt`` finds them.
 """
@@ -124,12 +124,16 @@ def learn_settings(base: str, controller: str | None = None, *, tasks: str | Non
                               f"prepared_model={label}, batch={batch}) ...")
         try:
             log_adapt_runs(tracking, runs, ts.EXPERIMENT, tags=tags)
+            # the surrogate learns from exactly these runs as MLflow returns them: the rows its rule was
+            # cross-validated on (another job's runs of the same model are another batch)
+            metadataset = read_mlflow_adapt_runs(tracking, ts.EXPERIMENT, where=" and ".join(
+                f"tags.{k} = '{v}'" for k, v in tags.items()))
         except MlflowException as exc:
-            raise RegistryError(f"{tracking}: cannot log the adapt runs ({exc.message.splitlines()[0]})") from None
-        # the surrogate learns from exactly these runs as MLflow returns them: the rows its rule was
-        # cross-validated on (another job's runs of the same model are another batch)
-        metadataset = read_mlflow_adapt_runs(tracking, ts.EXPERIMENT, where=" and ".join(
-            f"tags.{k} = '{v}'" for k, v in tags.items()))
+            raise RegistryError(f"{tracking}: cannot log or read back the adapt runs "
+                                f"({exc.message.splitlines()[0]})") from None
+        if len(metadataset.rows) != len(runs):
+            raise RegistryError(f"{tracking}: logged {len(runs)} adapt runs of batch {batch} but read back "
+                                f"{len(metadataset.rows)}; nothing was registered")
         say("learn_settings", f"read back {len(metadataset.rows)} adapt runs of {label} from MLflow")
     say("learn_settings", f"fitting the surrogate and cross-validating it over {len(chosen)} tasks ...")
     settings = ts.AdaptSettings.learn(runs, grid, label, seed=seed, metadataset=metadataset)
@@ -225,7 +229,8 @@ def _check_target(target: Path, overwrite: bool) -> None:
         if not overwrite:
             raise ConfigError(f"--out {target}: holds a settings model from an earlier run; pass --overwrite to "
                               "replace it (written whole, then swapped in)")
-    check_writable(target, "the settings folder", ConfigError, folder=True)
+    # the model is staged beside the folder and renamed into place: its parent must take new entries
+    check_writable(target.parent, "the settings folder", ConfigError, folder=True)
 
 
 def load_settings_for(base: str, settings_model: str | None, tracking: str | None = None):
@@ -243,9 +248,7 @@ def load_settings_for(base: str, settings_model: str | None, tracking: str | Non
         return AdaptSettings.load(folder), str(folder)
     if settings_model is not None and not settings_model.startswith("models:/"):
         found = AdaptSettings.load(Path(settings_model).expanduser())
-        if found.extra.get("base") not in (None, base):
-            say("adapt", f"note: --settings-model {settings_model} was learned for {found.extra['base']}, not for "
-                         f"--base {base}")
+        _note_other_base(found, base, settings_model)
         return found, settings_model
     from metaprep.registry.tracking import reachable_tracking_uri
 
@@ -254,7 +257,15 @@ def load_settings_for(base: str, settings_model: str | None, tracking: str | Non
     from metaprep.transfer.registry import download_surrogate
 
     with tempfile.TemporaryDirectory() as tmp:  # AdaptSettings.load reads everything into memory
-        return AdaptSettings.load(download_surrogate(uri, tmp, tracking)), uri
+        found = AdaptSettings.load(download_surrogate(uri, tmp, tracking))
+    _note_other_base(found, base, uri)
+    return found, uri
+
+
+def _note_other_base(found, base: str, source: str) -> None:
+    """A line when an explicitly given settings model was learned for another base than ``base``."""
+    if found.extra.get("base") not in (None, base):
+        say("adapt", f"note: --settings-model {source} was learned for {found.extra['base']}, not for --base {base}")
 
 
 def _registered_settings(base: str, tracking: str, hint: str) -> str:

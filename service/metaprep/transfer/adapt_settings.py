@@ -7,7 +7,7 @@ recommends how to *adapt a meta-learned model*; metaprep has the model's history
    meta-val tasks, from each support size of a shots grid, under every (lr, optimizer) of a settings grid, for up
    to the largest step count. Every (task, shots, lr, optimizer, steps) is one adapt run of the contract
    (:mod:`metaprep.registry.adapt_runs`): its "dataset" is (task, shots), its meta-features
-   :func:`~metaprep.train.adapt_task.task_meta_features` (size, lengths, zero-shot loss, shots).
+   :func:`~metaprep.train.adapt_task.task_meta_features` (size, lengths, support loss, shots).
 2. **Surrogate**: the transfer recommender (:class:`~metaprep.transfer.recommender.Recommender`) fitted on those
    runs, as MLflow gives them back.
 3. **Which rule to trust** (:func:`cross_validate`): a surrogate can lose to the single best fixed setting when
@@ -85,7 +85,10 @@ def adapt_grid(adapt_curve: Callable[[float, str, int], list[list[float]]], supp
                    for k, c in curves.items()}
     for i in range(n_episodes):
         finite = [v for k in per_episode for v in per_episode[k][i] if v is not None]
-        cap = (max(finite) if finite else support_loss[i]) + DIVERGED_MARGIN
+        if not finite:
+            raise DataError(f"episode {i}: the query loss is not finite under any setting, even before adapting; "
+                            "check the task's examples (and the model's precision)")
+        cap = max(finite) + DIVERGED_MARGIN
         for k in per_episode:
             per_episode[k][i] = [cap if v is None else v for v in per_episode[k][i]]
     losses = [{setting_key(s): per_episode[(s["lr"], s["optimizer"])][i][int(s["steps"])] for s in grid}
@@ -231,7 +234,11 @@ class AdaptSettings:
             if dirpath.exists():
                 old = dirpath.with_name(f".{dirpath.name}.{uuid.uuid4().hex[:8]}.old")
                 dirpath.rename(old)
-                staged.rename(dirpath)
+                try:
+                    staged.rename(dirpath)
+                except OSError:
+                    old.rename(dirpath)  # the previous model back in place
+                    raise
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 staged.rename(dirpath)
