@@ -186,9 +186,11 @@ def metric_name(text: str) -> str:
 
 
 def log_benchmark(report: dict, files: list[Path]) -> None:
-    """Log a benchmark report (metrics per method and its files) as one MLflow run."""
+    """Log a benchmark report (metrics per method and its files) as one MLflow run, to ``MLFLOW_TRACKING_URI``
+    (set here: a fluent URI an earlier job or test left in this process must not decide where it goes)."""
     import mlflow
 
+    mlflow.set_tracking_uri(tracking_uri())
     mlflow.set_experiment("metaprep-benchmarks")
     with mlflow.start_run(run_name=f"benchmark-{report['suite']}"):
         mlflow.set_tag("suite", report["suite"])
