@@ -3,7 +3,7 @@
     python -m jobs.recommend --train-meta PATH --meta-features JSON_or_FILE [--candidates FILE]
         [--scope KEY=VALUE[,VALUE...]]... [--finetune-only] [--top-k K] [--cost-aware [--cost-weight W]]
         [--surrogate-dir DIR] [--register NAME] [--summary-out FILE] [--format auto|table|json]
-        [--fit-steps N] [--seed S]
+        [--fit-steps N] [--guard-folds K] [--seed S]
     python -m jobs.recommend --train-meta PATH --list-meta-features
 
 ``--train-meta`` is any supported meta-dataset (NMTLC .jsonl, Quick-Tune folder, generic .csv /
@@ -16,6 +16,10 @@ configuration of the meta-dataset); ``--scope KEY=VALUE[,VALUE...]`` (repeatable
 those whose field KEY has one of the values, ``--finetune-only`` drops from-scratch ones
 (metaprep.transfer.scope). ``--list-meta-features`` prints the meta-feature names with their ranges
 and the configuration fields with their values, then exits.
+
+The first pick is the surrogate's, or the configuration best on average over the training datasets where
+the surrogate's own held-out first picks lost to that default on the training datasets most like the new
+one (metaprep.transfer.guard: ``--guard-folds`` K-fold cross-validation, K more fits; 0 turns it off).
 
 Output: every pick with its predicted metric in the metric's own units and a +-1 sd band, its
 predicted cost (or why there is none), its ranking score and the nearest training datasets behind it
@@ -61,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--register", default=None, metavar="NAME", help="register the surrogate in MLflow as NAME")
     p.add_argument("--summary-out", default=None, help="also write the portfolio JSON to this file")
     p.add_argument("--fit-steps", type=int, default=1500, help="surrogate training steps")
+    p.add_argument("--guard-folds", type=int, default=None, metavar="K",
+                   help="folds of the first pick's guard (default 8; 0 = always the surrogate's first pick)")
     p.add_argument("--seed", type=int, default=0, help="seed of the surrogate fit")
     return p
 
@@ -151,7 +157,8 @@ def render_table(summary: dict) -> str:
     rows = [("rank", name, "+-1 sd band", "normalised", "cost (s)", "score", "configuration")]
     for p in picks:
         band = p.get("predicted_metric_band")
-        rows.append((str(p["rank"]), _fmt(p.get("predicted_metric")),
+        rows.append((str(p["rank"]) + ("*" if p.get("picked_by") == "best_default" else ""),
+                     _fmt(p.get("predicted_metric")),
                      f"{_fmt(band[0])} .. {_fmt(band[1])}" if band else "n/a",
                      f"{p['predicted_normalised']:.3f}+-{p['predicted_normalised_std']:.3f}",
                      _seconds(p["predicted_cost_s"]), f"{p['score']:.3g}", _assignments(p["config"], varying)))
@@ -171,6 +178,9 @@ def render_table(summary: dict) -> str:
               f"cost: {scales['predicted_cost_s'].removeprefix('null: ')}.",
               f"score: {scales['score']}", "near: the training datasets nearest in meta-features that the "
               "prediction is mapped through (distance: 1 = one standard deviation of one meta-feature)."]
+    if summary.get("first_pick"):
+        star = "*: " if summary["first_pick"]["picked_by"] == "best_default" else ""
+        lines.append(f"{star}{summary['first_pick']['reason']}.")
     lines += [f"note: {note}" for note in summary["notes"]]
     return "\n".join(lines)
 
@@ -215,6 +225,10 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"--cost-weight must be >= 0, got {args.cost_weight}")
     if args.fit_steps < 1:
         raise ConfigError(f"--fit-steps must be >= 1, got {args.fit_steps}")
+    if args.guard_folds is not None and (args.guard_folds < 0 or args.guard_folds == 1):
+        raise ConfigError(f"--guard-folds must be 0 (off) or >= 2, got {args.guard_folds}")
+    if args.guard_folds is not None and not args.train_meta:
+        raise ConfigError("--guard-folds applies when fitting (--train-meta); a saved surrogate keeps its own guard")
     if not args.train_meta and not args.surrogate_dir:
         raise ConfigError("give --train-meta (fit a surrogate) or --surrogate-dir (load a saved one)")
     if args.list_meta_features:
@@ -236,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = recommend_configurations(
         meta, candidates, train_meta=args.train_meta, surrogate_dir=args.surrogate_dir, top_k=args.top_k,
         cost_aware=args.cost_aware, cost_weight=args.cost_weight, fit_steps=args.fit_steps, seed=args.seed,
-        register=args.register, tracking_uri=tracking_uri, scope=scope, finetune_only=args.finetune_only)
+        register=args.register, tracking_uri=tracking_uri, scope=scope, finetune_only=args.finetune_only,
+        guard_folds=args.guard_folds)
     write_summary(args.summary_out, summary)
     if _table_wanted(args.format):
         print(render_table(summary))

@@ -244,6 +244,7 @@ def test_saved_surrogate_keeps_the_units(tmp_path, capsys):
     loaded = _summary(capsys, "--surrogate-dir", saved, "--meta-features", _meta("b-en"))
     assert [p["predicted_metric"] for p in loaded["portfolio"]] == \
         pytest.approx([p["predicted_metric"] for p in fitted["portfolio"]])
-    (tmp_path / "s" / "evidence.json").unlink()  # a surrogate saved before evidence.json existed
+    (tmp_path / "s" / "evidence.json").unlink()  # a surrogate saved before evidence.json (and guard.json) existed
+    (tmp_path / "s" / "guard.json").unlink(missing_ok=True)
     old = _summary(capsys, "--surrogate-dir", saved, "--meta-features", _meta("b-en"))
     assert "predicted_metric" not in old["portfolio"][0] and any("evidence.json" in n for n in old["notes"])

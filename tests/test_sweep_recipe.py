@@ -238,7 +238,7 @@ def test_recommender_portfolio_is_proposed_first(tmp_path, surrogate_dir):
         assert 0.03 <= p["meta.inner_lr"] <= 1.0 and p["meta.inner_steps"] in (1, 2, 3)
         assert r["config"] == {"lr": p["meta.inner_lr"], "steps": p["meta.inner_steps"], "rank": 8}
     again = Recommender.load(surrogate_dir).rank({"m": 0.5}, [r["config"] for r in recs], k=1)
-    assert again[0].config == recs[0]["config"]  # the first pick is the predicted best
+    assert again[0].config == recs[0]["config"]  # the first pick is the same on reload
     json.dumps([spec.to_dict(), spec.recommended])  # what run_sweep logs to the MLflow parent run
 
     # every candidate ranked (same seed, same samples): the top 3 are its prefix, and the first pick is the

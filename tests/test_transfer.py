@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from metaprep.bench.config_transfer import expected_random_regret, normalized_regret, rank_quantile
-from metaprep.errors import ConfigError, DataError
+from metaprep.bench.config_transfer import expected_random_regret, normalized_regret
+from metaprep.errors import ConfigError, DataError, ModelLoadError
+from metaprep.transfer.defaults import rank_quantile
 from metaprep.transfer.formats import read_generic, read_mlflow_adapt_runs, read_nmtlc, read_quicktune
 from metaprep.transfer.metadataset import MetaDataset, load_metadataset
 
@@ -226,7 +227,7 @@ def synthetic_md(tmp_path_factory) -> MetaDataset:
 def recommender(synthetic_md):
     from metaprep.transfer.recommender import Recommender
 
-    return Recommender.fit(synthetic_md, seed=0, steps=400, members=4)
+    return Recommender.fit(synthetic_md, seed=0, steps=400, members=4, guard_folds=0)  # the guard: test_transfer_guard
 
 
 def test_surrogate_save_load_round_trip(tmp_path: Path, recommender, synthetic_md):
@@ -250,13 +251,17 @@ def test_surrogate_save_load_round_trip(tmp_path: Path, recommender, synthetic_m
     for a, b in zip(gp.predict(pool.configs, pool.meta_features), gp2.predict(pool.configs, pool.meta_features),
                     strict=True):
         np.testing.assert_array_equal(a, b)
+    spec = json.loads((tmp_path / "gp" / "dkgp.json").read_text())
+    (tmp_path / "gp" / "dkgp.json").write_text(json.dumps({**spec, "format_version": 1}))  # the pre-GPyTorch GP
+    with pytest.raises(ModelLoadError, match="format_version 1, this version reads 2"):
+        DeepKernelGP.load(tmp_path / "gp")
 
 
 def test_recommender_ranks_the_better_config_first(synthetic_md):
     from metaprep.transfer.recommender import Recommender
 
     train = [p for name, p in synthetic_md.pools().items() if name != "ds1"]  # hold out m = 0.4
-    rec = Recommender.fit(train, seed=0, steps=400, members=4)
+    rec = Recommender.fit(train, seed=0, steps=400, members=4, guard_folds=0)  # the surrogate's own ranking
     test = synthetic_md.pools()["ds1"]
     picks = rec.rank(test.meta_features, test.configs, k=3)
     best = test.configs[int(np.argmax(test.performance))]
@@ -354,7 +359,7 @@ def test_config_transfer_suite_quick(tmp_path: Path):
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
     rows = {(r["method"], r["metric"]): r for r in report["results"]}
-    methods = {"recommender", "random", "best_default", "avg_rank", "quicktune_gp"}
+    methods = {"recommender", "surrogate", "random", "best_default", "avg_rank", "quicktune_gp"}
     assert {m for m, _ in rows} == methods
     assert {k for _, k in rows} == {"normalized_regret@1", "normalized_regret@5"}
     assert rows[("recommender", "normalized_regret@1")]["n"] == 3 * 3  # datasets x seeds
@@ -362,7 +367,17 @@ def test_config_transfer_suite_quick(tmp_path: Path):
     for r in report["results"]:
         assert 0.0 <= r["mean"] <= 1.0
         assert r["setting"]["protocol"] == "LODO"
-    assert out.with_suffix(".md").read_text().count("normalized_regret@") == 10
+    assert out.with_suffix(".md").read_text().count("normalized_regret@") == 12
+    # the guard's decision per dataset and seed: the recommender's first pick is the best default's where it says so
+    assert sorted(report["guard"]) == sorted(report["datasets"])
+    for name, decisions in report["guard"].items():
+        assert len(decisions) == 3 and all(d["pick"] in ("surrogate", "best_default") for d in decisions)
+        for d in decisions:
+            if d["pick"] == "best_default":
+                assert d["regret@1"] == pytest.approx(report["per_dataset"]["best_default"][name][0], abs=1e-4)
+    mean_at_1 = np.mean([d["regret@1"] for ds in report["guard"].values() for d in ds])
+    assert mean_at_1 == pytest.approx(rows[("recommender", "normalized_regret@1")]["mean"])
+    assert set(report["paired_vs_best_default"]) >= {"recommender-best_default@1", "surrogate-best_default@1"}
 
 
 def test_config_transfer_train_test_protocol(tmp_path: Path):

@@ -21,15 +21,13 @@ Methods.
   greedy expected-best-of-k portfolio; Strangmann et al., 2024).
 - ``random``: the exact expectation over uniformly random k-subsets of the pool,
   ``E[max of k] = sum_i y_(i) C(i-1, k-1) / C(n, k)`` with y_(1) <= ... <= y_(n).
-- ``best_default`` and ``avg_rank``. Every dataset has its own candidate pool (Quick-Tune: disjoint
-  pools; NMTLC: pools overlap only partly), so "the configuration that is best on average over the
-  training datasets" is defined over the *test* pool: each test candidate x is looked up in each
-  training dataset d as its nearest configuration NN_d(x) (Euclidean distance in the standardised
-  configuration encoding of :mod:`metaprep.transfer.features`, fitted on training configurations;
-  an exact match where the pools overlap). ``best_default`` orders the test pool by the mean over d
-  of the min-max normalised performance of NN_d(x) (its first pick is "the best default");
-  ``avg_rank`` by the mean over d of the rank quantile of NN_d(x) within pool d (the zero-shot
-  average-rank portfolio of Wistuba et al., 2015). Ties are broken by the other score.
+- ``surrogate``: the same fitted recommender ranking without its guard (``rank(guarded=False)``): the
+  surrogate's own portfolio. ``recommender`` differs from it only where the guard put the best default
+  first (:mod:`metaprep.transfer.guard`, cross-validated on the training datasets of the fold).
+- ``best_default`` and ``avg_rank`` (:mod:`metaprep.transfer.defaults`): the test pool ordered by the
+  mean over training datasets d of the normalised performance (``best_default``, its first pick "the
+  best default") or the rank quantile (``avg_rank``, Wistuba et al., 2015) of each candidate's
+  nearest configuration in pool d.
 - ``quicktune_gp``: Quick-Tune's meta-trained deep-kernel GP (Arango et al., ICLR 2024;
   :class:`metaprep.bench.quicktune_gp.DeepKernelGP`), zero-shot: conditioned on training runs at the
   full budget, candidates ranked by posterior mean at the full budget with no observed curve.
@@ -37,7 +35,10 @@ Methods.
 Compute. The (fold, seed) fits run in ``min(2, cpus)`` spawned processes; ``--quick`` (tests, smoke
 checks) trains 100 ensemble steps with 4 members and 30 GP iterations, serially. All method
 hyperparameters are fixed a priori (the defaults of the surrogate classes); nothing is tuned on the
-test datasets. The report adds per-dataset regrets (``per_dataset``: method -> dataset -> [@1, @5]).
+test datasets. The recommender's time includes its guard's ``GUARD_FOLDS`` extra fits. The report adds
+per-dataset regrets (``per_dataset``: method -> dataset -> [@1, @5]), the guard's first-pick decision
+per test dataset and seed (``guard``) and each fitted method's regret minus best_default's, paired by test
+dataset with seeds averaged first (``paired_vs_best_default``: mean, 95 % t-interval, wins, losses and ties).
 """
 
 from __future__ import annotations
@@ -52,27 +53,19 @@ from typing import Any
 import numpy as np
 
 from metaprep.bench.quicktune_gp import DeepKernelGP
-from metaprep.bench.report import result
+from metaprep.bench.report import mean_ci95, result
 from metaprep.errors import ConfigError
 from metaprep.progress import Progress
-from metaprep.transfer.features import DictEncoder
+from metaprep.transfer.defaults import default_scores, normalized_regret, order_by
 from metaprep.transfer.metadataset import MetaDataset, Pool, load_metadataset
 from metaprep.transfer.recommender import Recommender
-from metaprep.transfer.surrogate import minmax
 
 KS = (1, 5)
-METHODS = ("recommender", "random", "best_default", "avg_rank", "quicktune_gp")
+METHODS = ("recommender", "surrogate", "random", "best_default", "avg_rank", "quicktune_gp")
 FITTED = ("recommender", "quicktune_gp")  # fitted per (test dataset, seed): the units of the progress lines
 DEFAULT_SEEDS = 3
 MAX_WORKERS = 2
-
-
-def normalized_regret(perf: np.ndarray, order: list[int] | np.ndarray, k: int) -> float:
-    """``(max y - max of the first k picks) / (max y - min y)``; 0 for a constant pool."""
-    lo, hi = float(np.min(perf)), float(np.max(perf))
-    if hi - lo <= 0:
-        return 0.0
-    return (hi - float(np.max(perf[np.asarray(order[:k], dtype=int)]))) / (hi - lo)
+TIE = 1e-9  # regrets closer than this count as a tie in the paired comparison
 
 
 def expected_random_regret(perf: np.ndarray, k: int) -> float:
@@ -93,36 +86,6 @@ def _log_comb(n: int, k: int) -> float:
     if k < 0 or k > n:
         return -math.inf
     return math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
-
-
-def rank_quantile(values: np.ndarray) -> np.ndarray:
-    """Rank of each value scaled to [0, 1] (0 = worst, 1 = best), ties sharing their average rank."""
-    n = len(values)
-    ranks = np.empty(n)
-    ranks[np.argsort(values, kind="stable")] = np.arange(n)
-    _, inverse = np.unique(values, return_inverse=True)
-    ranks = (np.bincount(inverse, ranks) / np.bincount(inverse))[inverse]
-    return ranks / max(n - 1, 1)
-
-
-def nearest_neighbour_scores(train: list[Pool], test: Pool) -> tuple[np.ndarray, np.ndarray]:
-    """Per test candidate: mean normalised performance and mean rank quantile of its NN in each pool."""
-    encoder = DictEncoder().fit([c for p in train for c in p.configs])
-    xt = encoder.transform(test.configs)
-    perf = np.zeros(len(xt))
-    rank = np.zeros(len(xt))
-    for pool in train:
-        xd = encoder.transform(pool.configs)
-        d2 = (xt ** 2).sum(1)[:, None] + (xd ** 2).sum(1)[None, :] - 2 * xt @ xd.T
-        nn = np.argmin(d2, axis=1)
-        quantile = rank_quantile(pool.performance)
-        perf += minmax(pool.performance)[nn]
-        rank += quantile[nn]
-    return perf / len(train), rank / len(train)
-
-
-def _order(primary: np.ndarray, secondary: np.ndarray) -> np.ndarray:
-    return np.lexsort((-secondary, -primary))  # highest primary first, ties by secondary
 
 
 def _folds(train: MetaDataset, test: MetaDataset | None) -> tuple[list[tuple[list[Pool], Pool]], list[str]]:
@@ -150,19 +113,28 @@ def _folds(train: MetaDataset, test: MetaDataset | None) -> tuple[list[tuple[lis
 
 
 def _fit_and_rank(train_pools: list[Pool], pool: Pool, seed: int, rec_kwargs: dict,
-                  gp_kwargs: dict) -> dict[str, tuple[list[int], float]]:
-    """One (fold, seed) task: the picks of the two fitted methods and their fit+rank seconds."""
+                  gp_kwargs: dict) -> tuple[dict[str, tuple[list[int], float]], dict | None]:
+    """One (fold, seed) task: the picks of the fitted methods with their fit+rank seconds, and the guard's
+    decision (None when the fold has too few datasets for one)."""
     out = {}
     start = time.perf_counter()
     rec = Recommender.fit(train_pools, seed=seed, **rec_kwargs)
     picks = rec.rank(pool.meta_features, pool.configs, k=max(KS))
     index = {id(c): i for i, c in enumerate(pool.configs)}
     out["recommender"] = ([index[id(r.config)] for r in picks], time.perf_counter() - start)
+    unguarded = rec.rank(pool.meta_features, pool.configs, k=max(KS), guarded=False)
+    out["surrogate"] = ([index[id(r.config)] for r in unguarded], 0.0)  # the same fit, without its guard
+    decision = rec.first_pick(pool.meta_features, pool.configs)[1]
+    first = out["recommender"][0][0]
     start = time.perf_counter()
     gp = DeepKernelGP.fit(train_pools, seed=seed, **gp_kwargs)
     mean, _ = gp.predict(pool.configs, pool.meta_features)
     out["quicktune_gp"] = (np.argsort(-mean, kind="stable")[: max(KS)].tolist(), time.perf_counter() - start)
-    return out
+    return out, (None if decision is None else {
+        "pick": decision.pick, "delta": round(decision.delta, 4), "same_as_surrogate": decision.same_as_surrogate,
+        "guard_on": decision.check["active"], "self_check": {k: round(v, 4) for k, v in decision.check.items()
+                                                             if k != "active"},
+        "regret@1": round(normalized_regret(pool.performance, [first], 1), 6)})
 
 
 def run(args: Any) -> dict:
@@ -194,9 +166,9 @@ def run(args: Any) -> dict:
         start = time.perf_counter()
         perf = pool.performance
         record("random", pool.dataset, [expected_random_regret(perf, k) for k in KS])
-        mean_perf, mean_rank = nearest_neighbour_scores(train_pools, pool)
-        for method, order in (("best_default", _order(mean_perf, mean_rank)),
-                              ("avg_rank", _order(mean_rank, mean_perf))):
+        mean_perf, mean_rank = default_scores(train_pools, pool.configs)
+        for method, order in (("best_default", order_by(mean_perf, mean_rank)),
+                              ("avg_rank", order_by(mean_rank, mean_perf))):
             record(method, pool.dataset, [normalized_regret(perf, order, k) for k in KS])
         seconds["baselines"] += time.perf_counter() - start
 
@@ -207,11 +179,14 @@ def run(args: Any) -> dict:
     progress = Progress("config_transfer", (len(folds), "test dataset"), (len(seeds), "seed"))
     units = [f"dataset {folds[f][1].dataset} seed {seed} methods {'+'.join(FITTED)}" for f, seed in tasks]
 
-    def finished(i: int, out: dict) -> dict:
-        progress.done(units[i], ", ".join(f"{m} {secs:.1f}s" for m, (_, secs) in out.items()))
-        return out
+    def finished(i: int, result_: tuple[dict, dict | None]) -> tuple[dict, dict | None]:
+        out, decision = result_
+        guard = (f"; first pick: {decision['pick']} (delta {decision['delta']:+.3f}"
+                 f"{'' if decision['guard_on'] else ', guard off'})") if decision else ""
+        progress.done(units[i], ", ".join(f"{m} {out[m][1]:.1f}s" for m in FITTED) + guard)
+        return result_
 
-    outputs: list[dict] = [{}] * len(tasks)
+    outputs: list[tuple[dict, dict | None]] = [({}, None)] * len(tasks)
     if workers > 1:
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool_exec:
             futures = {pool_exec.submit(_fit_and_rank, *folds[f], seed, rec_kwargs, gp_kwargs): i
@@ -223,15 +198,29 @@ def run(args: Any) -> dict:
             progress.start(units[i])
             outputs[i] = finished(i, _fit_and_rank(*folds[f], seed, rec_kwargs, gp_kwargs))
     progress.finish()
-    for (f, _), out in zip(tasks, outputs, strict=True):
+    guard: dict[str, list] = {}
+    for (f, _), (out, decision) in zip(tasks, outputs, strict=True):
         pool = folds[f][1]
+        guard.setdefault(pool.dataset, []).append(decision)
         for method, (order, secs) in out.items():
             record(method, pool.dataset, [normalized_regret(pool.performance, order, k) for k in KS])
-            seconds[method] += secs
+            if method in seconds:  # "surrogate" is the recommender's own fit, ranked without its guard
+                seconds[method] += secs
 
     setting = {"meta_dataset": train.name if test is None else f"{train.name}->{test.name}",
                "protocol": "LODO" if test is None else "train->test"}
     results = [result(m, f"normalized_regret@{k}", values[(m, k)], **setting) for m in METHODS for k in KS]
+    names = [pool.dataset for _, pool in folds]
+    paired = {}
+    for m in ("recommender", "surrogate", "quicktune_gp"):  # minus best_default, paired by test dataset
+        for i, k in enumerate(KS):
+            diffs = [float(np.mean([r[i] for r in per_dataset[m][d]]) - per_dataset["best_default"][d][0][i])
+                     for d in names]
+            mean, ci = mean_ci95(diffs)
+            paired[f"{m}-best_default@{k}"] = {
+                "mean": round(mean, 5), "ci95": round(ci, 5), "n": len(diffs),  # wins: lower regret (1e-9 apart)
+                "wins": sum(x < -TIE for x in diffs), "losses": sum(x > TIE for x in diffs),
+                "ties": sum(abs(x) <= TIE for x in diffs)}
     return {
         "results": results,
         "per_dataset": {m: {d: np.mean(v, axis=0).round(4).tolist() for d, v in per.items()}
@@ -242,4 +231,7 @@ def run(args: Any) -> dict:
         "performance": (test or train).performance_desc,
         "workers": workers,
         "fit_seconds": {m: round(s, 2) for m, s in seconds.items()},
+        "guard": guard,  # per test dataset, per seed: the recommender's first-pick decision
+        # regret difference to best_default per test dataset (seeds averaged first): n = test datasets
+        "paired_vs_best_default": paired,
     }

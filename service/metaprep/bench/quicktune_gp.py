@@ -2,9 +2,11 @@
 
 :class:`DeepKernelGP` is Quick-Tune's performance predictor — an MLP feature extractor over
 [x, m, budget] plus a 1-D convolutional encoder of the padded partial curve, an RBF ScaleKernel GP
-with constant mean on the learned features (Wilson et al., 2016; DyHPO, Wistuba et al., 2022),
-meta-trained by maximising the exact marginal likelihood on batches of 32 runs drawn from one
-training dataset at a time (Arango et al., Alg. 1). Targets are the best-so-far performance at a
+with constant mean and Gaussian likelihood on the learned features (Wilson et al., 2016; DyHPO,
+Wistuba et al., 2022), meta-trained by maximising the exact marginal likelihood on batches of 32 runs
+drawn from one training dataset at a time (Arango et al., Alg. 1). The GP layer is GPyTorch's
+(``ExactGP``, ``ExactMarginalLogLikelihood``; Gardner et al., 2018), as in Quick-Tune's and DyHPO's
+code, with Cholesky kept for every size used here (``EXACT_UP_TO``). Targets are the best-so-far performance at a
 random budget b, globally standardised (the paper divides accuracy by 100). Because the benchmark
 is zero-shot, the GP is conditioned on a context of training runs at the full budget and
 candidates are ranked by the posterior mean.
@@ -19,6 +21,7 @@ import json
 import math
 from pathlib import Path
 
+import gpytorch
 import numpy as np
 import torch
 from torch import nn
@@ -28,7 +31,10 @@ from metaprep.transfer.features import FeatureEncoder
 from metaprep.transfer.metadataset import Pool
 from metaprep.transfer.surrogate import load_encoder, load_json, load_tensors, save_tensors, single_thread
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the GP layer is GPyTorch's (parameter names changed)
+# exact GP algebra (Cholesky) up to this many points: GPyTorch switches to conjugate gradients and Lanczos
+# variance estimates beyond 800 by default, and the zero-shot context holds up to 2,048 runs
+EXACT_UP_TO = 10_000
 
 
 class _CurveEncoder(nn.Module):
@@ -57,8 +63,20 @@ class _FeatureExtractor(nn.Module):
         return self.head(torch.cat([self.mlp(torch.cat([x, budget[:, None]], 1)), self.curve(curve)], 1))
 
 
+class _ExactGP(gpytorch.models.ExactGP):
+    """Constant mean and RBF ScaleKernel over the extracted features (DyHPO's and Quick-Tune's GP layer)."""
+
+    def __init__(self, likelihood: gpytorch.likelihoods.GaussianLikelihood):
+        super().__init__(None, None, likelihood)
+        self.mean_module = gpytorch.means.ConstantMean()
+        self.covar_module = gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel())
+
+    def forward(self, z: torch.Tensor) -> gpytorch.distributions.MultivariateNormal:
+        return gpytorch.distributions.MultivariateNormal(self.mean_module(z), self.covar_module(z))
+
+
 class DeepKernelGP(nn.Module):
-    """Quick-Tune's deep-kernel GP: RBF ScaleKernel + constant mean on learned features (see module doc)."""
+    """Quick-Tune's deep-kernel GP: GPyTorch's exact GP on learned features (see module doc)."""
 
     def __init__(self, encoder: FeatureEncoder, length: int, stats: dict):
         super().__init__()
@@ -66,15 +84,8 @@ class DeepKernelGP(nn.Module):
         self.length = length  # curves are padded/cut to this many steps (Quick-Tune: max budget 50)
         self.stats = stats  # {"mean", "std"} of targets, "horizon": max budget in steps
         self.features = _FeatureExtractor(encoder.width, length)
-        self.log_lengthscale = nn.Parameter(torch.zeros(()))
-        self.log_outputscale = nn.Parameter(torch.zeros(()))
-        self.log_noise = nn.Parameter(torch.tensor(-2.0))
-        self.mean_const = nn.Parameter(torch.zeros(()))
+        self.gp = _ExactGP(gpytorch.likelihoods.GaussianLikelihood())
         self.context: dict[str, torch.Tensor] = {}
-
-    def _kernel(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        d2 = torch.cdist(a, b).pow(2)
-        return self.log_outputscale.exp() * torch.exp(-0.5 * d2 / self.log_lengthscale.exp().pow(2))
 
     def _inputs(self, x: np.ndarray, budgets: np.ndarray, curves: list) -> tuple[torch.Tensor, ...]:
         pad = np.zeros((len(curves), self.length), dtype=np.float32)
@@ -84,14 +95,6 @@ class DeepKernelGP(nn.Module):
                 pad[i, : len(c)] = (np.asarray(c) - self.stats["mean"]) / self.stats["std"]
         b = np.log1p(budgets) / math.log1p(self.stats["horizon"])
         return torch.from_numpy(x).float(), torch.from_numpy(b).float(), torch.from_numpy(pad)
-
-    def _nll(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Negative exact marginal log-likelihood per point (Rasmussen & Williams, Eq. 2.30)."""
-        k = self._kernel(z, z) + (self.log_noise.exp() + 1e-4) * torch.eye(len(z))
-        chol = torch.linalg.cholesky(k)
-        r = (y - self.mean_const)[:, None]
-        alpha = torch.cholesky_solve(r, chol)
-        return (0.5 * (r * alpha).sum() + torch.log(torch.diagonal(chol)).sum()) / len(z) + 0.5 * math.log(2 * math.pi)
 
     @classmethod
     def fit(cls, pools: list[Pool], *, seed: int = 0, iterations: int = 300, batch: int = 32, lr: float = 1e-3,
@@ -120,6 +123,8 @@ class DeepKernelGP(nn.Module):
                     *, iterations: int, batch: int, lr: float) -> None:
         """Quick-Tune Alg. 1: exact-GP marginal likelihood on batches drawn from one dataset at a time."""
         gp, horizon = self, self.stats["horizon"]
+        self.train()
+        mll = gpytorch.mlls.ExactMarginalLogLikelihood(self.gp.likelihood, self.gp)
         opt = torch.optim.Adam(gp.parameters(), lr=lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, iterations, eta_min=1e-7)
         for _ in range(iterations):
@@ -135,11 +140,16 @@ class DeepKernelGP(nn.Module):
                 budgets.append(b)
             x, bt, ct = gp._inputs(xs[d][idx], np.array(budgets, dtype=float), prefixes)
             y = (torch.tensor(targets, dtype=torch.float32) - gp.stats["mean"]) / gp.stats["std"]
-            loss = gp._nll(gp.features(x, bt, ct), y)
+            z = gp.features(x, bt, ct)
+            self.gp.set_train_data(z, y, strict=False)
+            with gpytorch.settings.max_cholesky_size(EXACT_UP_TO):
+                loss = -mll(self.gp(z), y)  # the exact marginal log-likelihood per point
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
+        if self.gp.train_inputs is not None:  # keep no autograd graph past training
+            self.gp.set_train_data(self.gp.train_inputs[0].detach(), self.gp.train_targets, strict=False)
 
     @torch.no_grad()
     def set_context(self, x: np.ndarray, y: np.ndarray) -> None:
@@ -148,21 +158,21 @@ class DeepKernelGP(nn.Module):
 
     @torch.no_grad()
     def predict(self, configs: list[dict], meta: dict[str, float]) -> tuple[np.ndarray, np.ndarray]:
-        """Posterior mean and std (performance units) at the full budget with no observed curve."""
+        """Posterior mean and std of the latent function (performance units; no observation noise) at the full
+        budget with no observed curve. The benchmark ranks by the mean."""
         with single_thread():
             return self._predict(configs, meta)
 
     def _predict(self, configs: list[dict], meta: dict[str, float]) -> tuple[np.ndarray, np.ndarray]:
+        self.eval()
         full = np.full(len(self.context["x"]), float(self.stats["horizon"]))
         zc = self.features(*self._inputs(self.context["x"].numpy(), full, [()] * len(full)))
         xq = self.encoder.transform(configs, meta)
         zq = self.features(*self._inputs(xq, np.full(len(xq), float(self.stats["horizon"])), [()] * len(xq)))
-        k = self._kernel(zc, zc) + (self.log_noise.exp() + 1e-4) * torch.eye(len(zc))
-        chol = torch.linalg.cholesky(k)
-        kq = self._kernel(zc, zq)
-        mean = self.mean_const + kq.T @ torch.cholesky_solve((self.context["y"] - self.mean_const)[:, None], chol)[:, 0]
-        v = torch.cholesky_solve(kq, chol)
-        var = (self.log_outputscale.exp() - (kq * v).sum(0)).clamp_min(1e-9)
+        self.gp.set_train_data(zc, self.context["y"], strict=False)
+        with gpytorch.settings.max_cholesky_size(EXACT_UP_TO):
+            posterior = self.gp(zq)  # the latent function's posterior (no observation noise)
+            mean, var = posterior.mean, posterior.variance.clamp_min(1e-9)
         return (mean * self.stats["std"] + self.stats["mean"]).numpy(), (var.sqrt() * self.stats["std"]).numpy()
 
     def save(self, dirpath: str | Path) -> Path:
@@ -182,6 +192,9 @@ class DeepKernelGP(nn.Module):
         spec = load_json(dirpath / "dkgp.json")
         if spec.get("kind") != "deep_kernel_gp":
             raise ModelLoadError(f"{dirpath / 'dkgp.json'}: not a deep-kernel GP (kind={spec.get('kind')!r})")
+        if spec.get("format_version") != FORMAT_VERSION:
+            raise ModelLoadError(f"{dirpath / 'dkgp.json'}: format_version {spec.get('format_version')!r}, this "
+                                 f"version reads {FORMAT_VERSION} (GPyTorch since 0.12.0); refit the GP")
         gp = cls(load_encoder(spec, dirpath / "dkgp.json"), spec["length"], spec["stats"])
         tensors = load_tensors(dirpath / "dkgp.safetensors")
         gp.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})

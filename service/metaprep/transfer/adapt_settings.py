@@ -150,7 +150,9 @@ def fit_recommender(runs_or_metadataset, seed: int, fit_kwargs: dict | None = No
 
     data = (runs_or_metadataset if isinstance(runs_or_metadataset, MetaDataset)
             else adapt_runs_metadataset(runs_or_metadataset, "memory", "memory"))
-    return Recommender.fit(data, seed=seed, **(fit_kwargs or {}))
+    # guard_folds=0: the settings model chooses between the surrogate and the best fixed setting by its own
+    # cross-validation (cross_validate), over whole tasks; the recommender's per-dataset guard would repeat it
+    return Recommender.fit(data, seed=seed, **{"guard_folds": 0, **(fit_kwargs or {})})
 
 
 def cross_validate(runs: list[AdaptRun], grid: list[dict], *, folds: int = CV_FOLDS, seed: int = 0,

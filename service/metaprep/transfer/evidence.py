@@ -98,6 +98,15 @@ class TrainingEvidence:
         """The candidate index of ``config``, None when no training dataset ran it."""
         return self._index.get(config_key(config))
 
+    def pools(self) -> list[Pool]:
+        """Each training dataset as a candidate pool (performance only: no costs or curves)."""
+        out = []
+        for d in self.datasets:
+            ids = sorted(d.performance)
+            out.append(Pool(d.name, dict(d.meta_features), [self.configs[i] for i in ids],
+                            np.array([d.performance[i] for i in ids]), np.full(len(ids), np.nan), [()] * len(ids)))
+        return out
+
     def meta_ranges(self) -> dict[str, tuple[float, float]]:
         """Each meta-feature's (min, max) over the training datasets."""
         names = sorted({k for d in self.datasets for k in d.meta_features})

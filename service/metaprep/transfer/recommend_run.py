@@ -9,6 +9,7 @@ from pathlib import Path
 
 from metaprep.errors import ConfigError, DataError
 from metaprep.transfer.evidence import Neighbour, TrainingEvidence
+from metaprep.transfer.guard import GUARD_FOLDS
 from metaprep.transfer.metadataset import Metric
 from metaprep.transfer.scope import apply_scope, base_field, field_values, value_summary
 
@@ -36,13 +37,15 @@ def recommend_configurations(meta: dict[str, float], candidates: list[dict] | No
                              surrogate_dir: str | None, top_k: int = 5, cost_aware: bool = False,
                              cost_weight: float = 1.0, fit_steps: int = 1500, seed: int = 0,
                              register: str | None = None, tracking_uri: str | None = None,
-                             scope: dict[str, list[str]] | None = None, finetune_only: bool = False) -> dict:
+                             scope: dict[str, list[str]] | None = None, finetune_only: bool = False,
+                             guard_folds: int | None = None) -> dict:
     """The ranked portfolio for a dataset with meta-features ``meta`` (the summary of ``jobs.recommend``).
 
     The surrogate is fitted on the meta-dataset ``train_meta`` (and saved to ``surrogate_dir`` when
     given), else loaded from ``surrogate_dir``; ``candidates`` default to every configuration of the
     meta-dataset, narrowed by ``scope`` / ``finetune_only`` (:mod:`metaprep.transfer.scope`);
-    ``register``: also log and register the surrogate as that MLflow model name.
+    ``register``: also log and register the surrogate as that MLflow model name; ``guard_folds``: folds of the
+    first pick's guard (:mod:`metaprep.transfer.guard`; default ``GUARD_FOLDS``, 0 = always the surrogate's).
     """
     from metaprep.transfer.metadataset import distinct_configs, load_metadataset
     from metaprep.transfer.recommender import Recommender
@@ -57,7 +60,8 @@ def recommend_configurations(meta: dict[str, float], candidates: list[dict] | No
                               "meta-dataset with costs")
         pool = candidates if candidates is not None else distinct_configs(list(train.pools().values()))
         scoped, notes = apply_scope(pool, scope or {}, finetune_only)  # before the fit: a typo fails in seconds
-        recommender = Recommender.fit(train, seed=seed, steps=fit_steps, cost_steps=fit_steps if train.has_cost else 0)
+        recommender = Recommender.fit(train, seed=seed, steps=fit_steps, cost_steps=fit_steps if train.has_cost else 0,
+                                      guard_folds=GUARD_FOLDS if guard_folds is None else guard_folds)
         if surrogate_dir:
             recommender.save(surrogate_dir)
         source = train.name
@@ -74,7 +78,11 @@ def recommend_configurations(meta: dict[str, float], candidates: list[dict] | No
     has_cost = recommender.surrogate.cost is not None
     portfolio = [{"rank": r.rank, "config": _plain(r.config), "predicted_normalised": r.predicted_performance,
                   "predicted_normalised_std": r.predicted_std, "predicted_cost_s": r.predicted_cost_s,
-                  "score": r.score} for r in picks]
+                  "score": r.score, "picked_by": r.picked_by} for r in picks]
+    decision = None if cost_aware else recommender.first_pick(meta, scoped)[1]
+    if cost_aware and recommender.guard is not None:
+        notes.append("--cost-aware: the first pick is not checked against the best default (the guard's held-out "
+                     "evidence compares performance, not performance per cost)")
     evidence = recommender.evidence
     cited: dict[str, dict[str, float]] = {}
     if evidence is None:
@@ -101,6 +109,9 @@ def recommend_configurations(meta: dict[str, float], candidates: list[dict] | No
         "n_candidates_before_scope": len(pool), "train_meta": train_meta, "surrogate_dir": surrogate_dir,
         "source": source, "metric": evidence.metric.to_dict() if evidence else None,
         "training_datasets": dict(sorted(cited.items())),
+        "first_pick": None if decision is None else {
+            "picked_by": decision.pick, "reason": decision.reason(), "delta_regret": decision.delta,
+            "held_out_neighbours": decision.neighbours, "self_check": decision.check},
         "scales": _scales(evidence.metric if evidence else None, has_cost, source, cost_aware, cost_weight),
         "notes": notes,
     }
@@ -184,6 +195,16 @@ def _scales(metric: Metric | None, has_cost: bool, source: str, cost_aware: bool
         "predicted_cost_s": ("seconds for the whole run, geometric mean over the cost ensemble" if has_cost else
                              f"null: no costs in this meta-dataset ({source} records no run times)"),
         "score": SCORE + "." + (COST_AWARE.format(w=f"{cost_weight:g}") if cost_aware else ""),
+        "picked_by": ("'best_default' on rank 1 when the guard put the configuration best on average over the training "
+                      "datasets first, because the surrogate's own held-out first picks lost to it on the training "
+                      "datasets most like this one (first_pick says by how much); 'surrogate' otherwise"),
+        "first_pick.self_check": ("mean normalised regret@1 over the training datasets, each held out in turn, of "
+                                  "always the surrogate's first pick, always the best default, and the guard deciding "
+                                  "each from the other held-out datasets; active: the guard is used (it beat always "
+                                  "the surrogate)"),
+        "first_pick.delta_regret": ("similarity-weighted mean over held-out training datasets of (normalised regret@1 "
+                                    "of the surrogate's first pick - that of the best default); > 0: the default "
+                                    "first. Normalised regret: 0 = the dataset's best run, 1 = its worst"),
         "nearest_datasets.distance": DISTANCE,
         "nearest_datasets.observed_metric": (f"{m} that dataset observed for this exact configuration (repeated "
                                              "runs averaged); null when it never ran it"),
