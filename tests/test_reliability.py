@@ -36,6 +36,7 @@ def _versions(uri: str, name: str) -> list:
     return MlflowClient(tracking_uri=uri).search_model_versions(f"name='{name}-base'")
 
 
+@pytest.mark.slow  # in `make test-faults` (.ci/run): keeps `make test` under 15 minutes on 2 cores
 def test_diverging_learning_rate_fails_clearly_and_registers_nothing(stack) -> None:
     name = f"nan-{uuid.uuid4().hex[:6]}"
     proc = _meta_train(stack, name, "meta.inner_lr=1e30", "meta.meta_steps=6",
