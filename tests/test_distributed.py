@@ -47,7 +47,8 @@ _SLOW = pytest.mark.slow
 
 @pytest.mark.parametrize("algorithm, stage, extra", [
     pytest.param("fomaml", 1, [], marks=_SLOW), ("maml", 1, []), pytest.param("fomaml", 2, [], marks=_SLOW),
-    pytest.param("maml", 2, [], marks=_SLOW), pytest.param("fomaml", 3, [], marks=_SLOW), ("maml", 3, []),
+    pytest.param("maml", 2, [], marks=_SLOW), pytest.param("fomaml", 3, [], marks=_SLOW),
+    pytest.param("maml", 3, [], marks=_SLOW),
     ("mltd", 3, MLTD_2ND), ("mltd", 1, ["reparam.kind=tarp_kronecker"]), ("meta_lora", 1, [])])
 def test_two_workers_equal_one_worker(ray_cluster, tmp_path, algorithm: str, stage: int, extra: list[str]) -> None:
     from metaprep.train.local import meta_train_local

@@ -47,6 +47,7 @@ def test_diverging_learning_rate_fails_clearly_and_registers_nothing(stack) -> N
     assert _versions(stack["mlflow"], name) == []
 
 
+@pytest.mark.slow  # in `make test-faults` (.ci/run): keeps `make test` under 15 minutes on 2 cores
 def test_failed_checkpoint_write_is_clear_and_keeps_the_previous_one(stack) -> None:
     name = f"ckfail-{uuid.uuid4().hex[:6]}"
     proc = _meta_train(stack, name, "meta.meta_steps=8", "checkpoint.every=2", "checkpoint.max_failures=0",
