@@ -27,10 +27,16 @@ mkdir -p "$STATE"
 
 port_in_use() { (exec 3<>"/dev/tcp/$HOST/$1") 2>/dev/null; }
 mlflow_healthy() { curl -fsS -m 3 "$MLFLOW_URI/health" >/dev/null 2>&1; }
-ray_healthy() {
+ray_dashboard_up() {
   curl -fsS -m 3 -H "Authorization: Bearer $(cat "$RAY_AUTH_TOKEN_PATH" 2>/dev/null)" \
     "http://$HOST:$DASHBOARD_PORT/api/version" >/dev/null 2>&1
 }
+
+ray_node_up() {  # the head node's raylet: without it the dashboard answers but no job, actor or worker can run
+  pgrep -f -- "raylet/raylet .*--gcs-address=$HOST:$RAY_PORT" >/dev/null 2>&1
+}
+
+ray_healthy() { ray_dashboard_up && ray_node_up; }
 
 ensure_token() {  # 256 random bits, as `ray get-auth-token --generate` makes them, but in the state folder
   if [ "$RAY_AUTH_MODE" = token ] && [ ! -s "$RAY_AUTH_TOKEN_PATH" ]; then
@@ -56,6 +62,10 @@ wait_for() {  # wait_for WHAT CHECK TIMEOUT_S LOG
 up_ray() {
   ensure_token
   if ray_healthy; then echo "ray: already running (dashboard http://$HOST:$DASHBOARD_PORT)"; return; fi
+  if ray_dashboard_up; then  # e.g. an interrupted `down`: the GCS and dashboard outlived the raylet
+    echo "ray: the dashboard answers but the head node's raylet is gone; restarting Ray"
+    ray stop --force > /dev/null 2>&1 || true
+  fi
   for p in "$RAY_PORT" "$DASHBOARD_PORT"; do
     if port_in_use "$p"; then
       echo "error: port $p on $HOST is taken by another process; free it or set RAY_PORT / RAY_DASHBOARD_PORT" >&2

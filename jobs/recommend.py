@@ -33,14 +33,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from pathlib import Path
 
 from jobs._cli import job_parser, run_main, write_summary
 from metaprep.errors import ConfigError
-from metaprep.jsonio import check_writable, parse_json, read_json, read_jsonl
+from metaprep.jsonio import check_writable, is_finite_number, parse_json, read_json, read_jsonl
 from metaprep.transfer.scope import parse_scope
 
 
@@ -91,13 +90,7 @@ def _short(value: object, limit: int = 60) -> str:
 
 def _finite_number(value: object) -> float | None:
     """``value`` as a finite float, or None when it is not a JSON number (or too large for a float)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    try:
-        number = float(value)
-    except OverflowError:
-        return None
-    return number if math.isfinite(number) else None
+    return float(value) if is_finite_number(value) else None
 
 
 def _meta_features(value: str) -> dict[str, float]:

@@ -174,10 +174,11 @@ PERSONA = dict(shots=8, query_size=8, seq_len=48, adapt_steps=10, lr_grid=(3e-4,
                inner_steps=1, support_weight=1.0, meta_steps=40, meta_batch_size=4, outer_lr=1e-3, rank=4, alpha=4.0,
                tarp_kind="tarp_bilinear", targets=(), val_tasks=4, test_tasks=0, eval_chunk=16, seeds=3,
                methods=("finetune", "multitask", "fomaml", "maml", "reptile", "meta_lora", "mltd_tarp", "mltd"),
-               precision="fp32", threads=1, max_new_tokens=0, shard_size=24, max_shards=40, test_shards=4)
+               precision="fp32", threads=1, max_new_tokens=0, shard_size=24, max_shards=40, test_shards=4,
+               lr_grid_extend=2)
 QUICK = dict(shots=2, query_size=2, seq_len=32, adapt_steps=2, lr_grid=(3e-3, 1e-2), meta_steps=2, meta_batch_size=2,
              val_tasks=2, test_tasks=3, seeds=1, methods=("finetune", "mltd"), shard_size=8, max_shards=4,
-             test_shards=2)
+             test_shards=2, lr_grid_extend=0)
 LARGE = dict(  # persona.yaml's large_model section (SmolLM2-135M)
     shots=4, query_size=4, seq_len=40, adapt_steps=5, lr_grid=(1e-3, 3e-3), inner_lr=3e-3, meta_steps=12,
     meta_batch_size=2, outer_lr=1e-4, targets=("q_proj", "v_proj"), val_tasks=3, test_tasks=6, eval_chunk=3,

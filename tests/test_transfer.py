@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from metaprep.bench.config_transfer import expected_random_regret, normalized_regret
+from metaprep.bench.config_transfer import expected_random_regret
 from metaprep.errors import ConfigError, DataError, ModelLoadError
-from metaprep.transfer.defaults import rank_quantile
+from metaprep.transfer.defaults import normalized_regret, rank_quantile
 from metaprep.transfer.formats import read_generic, read_mlflow_adapt_runs, read_nmtlc, read_quicktune
 from metaprep.transfer.metadataset import MetaDataset, load_metadataset
 

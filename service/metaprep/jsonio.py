@@ -7,6 +7,7 @@ most a size limit (a file read whole costs several times its size once parsed).
 from __future__ import annotations
 
 import json
+import math
 import os
 import stat
 import tempfile
@@ -16,6 +17,16 @@ from typing import Any
 import yaml
 
 from metaprep.errors import DataError, MetaprepError
+
+
+def is_finite_number(value: object) -> bool:
+    """True for a JSON number (not a bool) that is finite as a float; an int too large for a float is not."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def machine_memory_bytes() -> int:

@@ -119,12 +119,11 @@ def _fit_and_rank(train_pools: list[Pool], pool: Pool, seed: int, rec_kwargs: di
     out = {}
     start = time.perf_counter()
     rec = Recommender.fit(train_pools, seed=seed, **rec_kwargs)
-    picks = rec.rank(pool.meta_features, pool.configs, k=max(KS))
+    picks, decision = rec.rank_checked(pool.meta_features, pool.configs, k=max(KS))
     index = {id(c): i for i, c in enumerate(pool.configs)}
     out["recommender"] = ([index[id(r.config)] for r in picks], time.perf_counter() - start)
     unguarded = rec.rank(pool.meta_features, pool.configs, k=max(KS), guarded=False)
     out["surrogate"] = ([index[id(r.config)] for r in unguarded], 0.0)  # the same fit, without its guard
-    decision = rec.first_pick(pool.meta_features, pool.configs)[1]
     first = out["recommender"][0][0]
     start = time.perf_counter()
     gp = DeepKernelGP.fit(train_pools, seed=seed, **gp_kwargs)

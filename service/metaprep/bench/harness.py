@@ -186,6 +186,44 @@ def support_losses(model, tokenizer, episodes: list[Episode], proto: Protocol,
                                     chunk=proto.eval_chunk, autocast_dtype=dtype)
 
 
+def tune_lr(grid: Sequence[float], score_at: Callable[[float], float], extend: int,
+            note: Callable[[str], None] = lambda message: None) -> tuple[float, dict[float, float]]:
+    """The lr of ``grid`` with the lowest meta-val score, and every lr's score.
+
+    While the best lr sits at an end of the grid, the grid grows past it by the ratio of its two outermost
+    points on that side (``extend`` points at most): a choice at an edge says only that the optimum may lie
+    beyond it. Scores are ``score_at(lr)`` (lower is better; ``inf`` for a diverged run); ``note`` hears of each
+    extension."""
+    scores = {lr: score_at(lr) for lr in grid}
+    for _ in range(extend if len(scores) > 1 else 0):
+        lrs, best = sorted(scores), min(scores, key=scores.get)
+        if best == lrs[0]:
+            new = lrs[0] * lrs[0] / lrs[1]
+        elif best == lrs[-1] and math.isfinite(scores[best]):
+            new = lrs[-1] * lrs[-1] / lrs[-2]
+        else:
+            break
+        new = float(f"{new:.2g}")
+        if new in scores or not 0 < new < math.inf:
+            break
+        note(f"meta-val picked lr {best:g}, an edge of the grid: trying {new:g}")
+        scores[new] = score_at(new)
+    return min(scores, key=scores.get), scores
+
+
+def _meta_val_scorer(model, tok, episodes: list, proto: Protocol, hook: Hook | None, batch_fn: Callable[..., TaskBatch],
+                     val_score: Callable[[list[list[float]], dict], float],
+                     curves: dict[float, list[list[float]]]) -> Callable[[float], float]:
+    """``score_at(lr)`` for :func:`tune_lr`: adapt at ``lr`` on the meta-val ``episodes``, keep the curve in
+    ``curves``, return ``val_score`` (``inf`` where it is not finite)."""
+    def score_at(lr: float) -> float:
+        curves[lr], extras = evaluate(model, tok, episodes, proto, lr, hook, batch_fn)
+        score = val_score(curves[lr], extras)
+        return score if math.isfinite(score) else float("inf")
+
+    return score_at
+
+
 def run_folds(suite: str, folds: list[Fold], proto: Protocol, model_path: str, hook: Hook | None = None,
               val_score: Callable[[list[list[float]], dict], float] | None = None,
               prepare_fn: Callable | None = None, batch_fn: Callable[..., TaskBatch] | None = None) -> list[dict]:
@@ -231,12 +269,9 @@ def run_folds(suite: str, folds: list[Fold], proto: Protocol, model_path: str, h
                 key = (fold.name, method)
                 val_curves = {}
                 if key not in chosen:  # tuned once per fold, on the first seed, on meta-val tasks only
-                    scores = {}
-                    for lr in proto.lr_grid:
-                        val_curves[lr], extras = evaluate(model, tok, val_eps, proto, lr, tune_hook, method_batch_fn)
-                        score = val_score(val_curves[lr], extras)
-                        scores[lr] = score if math.isfinite(score) else float("inf")
-                    chosen[key] = (min(scores, key=scores.get), scores)
+                    score_at = _meta_val_scorer(model, tok, val_eps, proto, tune_hook, method_batch_fn, val_score,
+                                                val_curves)
+                    chosen[key] = tune_lr(proto.lr_grid, score_at, proto.lr_grid_extend, progress.say)
                 lr, scores = chosen[key]
                 if lr not in val_curves:  # later seeds: meta-val at the chosen lr (paired choices on meta-val)
                     val_curves[lr], _ = evaluate(model, tok, val_eps, proto, lr, tune_hook, method_batch_fn)

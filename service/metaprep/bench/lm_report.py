@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from metaprep.bench.report import mean_ci95, mean_or_nan, result
+from metaprep.jsonio import is_finite_number
 
 if TYPE_CHECKING:
     from metaprep.bench.protocol import Protocol
@@ -116,14 +117,11 @@ def run_record_problem(record: object) -> str | None:
     for step, losses in enumerate(curve):
         if not isinstance(losses, list) or len(losses) != len(tasks):
             return f"curve[{step}] must be a list of {len(tasks)} query losses (one per task)"
-        bad = next((i for i, v in enumerate(losses) if not _finite(v)), None)
+        bad = next((i for i, v in enumerate(losses) if not is_finite_number(v)), None)
         if bad is not None:
             return f"curve[{step}][{bad}] is {losses[bad]!r}; query losses must be finite numbers"
     return None
 
-
-def _finite(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def paired_differences(records: list[dict], reference: str = "multitask") -> dict[str, dict[str, float]]:

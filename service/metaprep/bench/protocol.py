@@ -74,6 +74,7 @@ class Protocol:
     shard_size: int  # examples per summarization task shard
     max_shards: int  # shards per meta-training summarization domain
     test_shards: int  # test tasks (shards) per held-out summarization domain
+    lr_grid_extend: int  # points the lr grid may grow past an end of it that meta-val picks
 
     def validate(self, where: Callable[[str], str] = str) -> Protocol:
         """Range checks that types alone cannot express; ``where(key)`` names the key in an error."""
@@ -83,7 +84,7 @@ class Protocol:
 
         for key, tp in typing.get_type_hints(Protocol).items():
             if tp is int:
-                low = 0 if key in ("test_tasks", "max_new_tokens") else 1
+                low = 0 if key in ("test_tasks", "max_new_tokens", "lr_grid_extend") else 1
                 need(key, getattr(self, key) >= low, f"must be >= {low}")
             elif tp is float and key == "support_weight":
                 need(key, math.isfinite(self.support_weight) and self.support_weight >= 0,

@@ -20,6 +20,7 @@ from typing import Any
 
 from metaprep.config import MetaTrainConfig
 from metaprep.errors import RegistryError
+from metaprep.jsonio import is_finite_number
 from metaprep.registry.client import mlflow_client
 from metaprep.registry.register import KINDS
 
@@ -60,9 +61,6 @@ def score_prepared(base_dir: Path, ctrl_dir: Path, cfg: MetaTrainConfig, split) 
 
 # --------------------------------------------------------------------------- the rule, in plain words
 
-def _finite(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
 
 def _num(v: float) -> str:
     return f"{v:.4g}"
@@ -70,11 +68,11 @@ def _num(v: float) -> str:
 
 def decide(candidate: float | None, champion_version: str | None, champion: float | None) -> tuple[bool, str]:
     """:data:`RULE`: whether the candidate takes ``champion``, and why in plain words."""
-    if not _finite(candidate):
+    if not is_finite_number(candidate):
         return False, f"the candidate has no finite meta-val loss ({candidate})"
     if champion_version is None:
         return True, "no champion yet"
-    if not _finite(champion):
+    if not is_finite_number(champion):
         return True, f"champion v{champion_version} has no finite meta-val loss ({champion}) on these episodes"
     if candidate < champion:
         return True, f"meta-val {_num(candidate)} < champion v{champion_version} {_num(champion)} on the same episodes"
@@ -93,16 +91,16 @@ def comparison(key: str, candidate_version: str, candidate: float | None, champi
     else:
         wins, reason = decide(candidate, champion_version, champion)
     why_null = {}
-    if not _finite(candidate):
+    if not is_finite_number(candidate):
         why_null["candidate"] = f"not finite ({candidate})" if candidate is not None else "not scored"
     if champion_version is None:
         why_null["champion"] = "no champion yet"
-    elif not _finite(champion):
+    elif not is_finite_number(champion):
         why_null["champion"] = (f"could not be evaluated ({error})" if error else
                                 f"not finite ({champion})" if champion is not None else "not scored")
     record = {"metric": key, "candidate_version": candidate_version,
-              "candidate": candidate if _finite(candidate) else None, "champion_version": champion_version,
-              "champion": champion if _finite(champion) else None, "promoted": wins or forced,
+              "candidate": candidate if is_finite_number(candidate) else None, "champion_version": champion_version,
+              "champion": champion if is_finite_number(champion) else None, "promoted": wins or forced,
               "wins": wins, "reason": reason, "rule": RULE}
     if forced:
         record["forced"] = True
@@ -198,7 +196,7 @@ def compare_and_promote(uri: str, cfg: MetaTrainConfig, split, uris: dict, expor
 
 def _record_score(client, name: str, versions: dict[str, str], key: str, score: float) -> None:
     """Tag both models' ``versions`` (kind -> version) with their score on the episodes ``key``."""
-    if not _finite(score):
+    if not is_finite_number(score):
         return
     for kind, version in versions.items():
         client.set_model_version_tag(f"{name}-{kind}", version, f"score.{key}", f"{score:.6g}")

@@ -26,14 +26,13 @@ Saved next to a surrogate as ``evidence.json`` (plain JSON; runs refer to ``cand
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from metaprep.errors import ModelLoadError
-from metaprep.jsonio import read_json
+from metaprep.jsonio import is_finite_number, read_json
 from metaprep.transfer.features import DictEncoder
 from metaprep.transfer.metadataset import Metric, Pool, config_key, distinct_configs
 
@@ -162,9 +161,6 @@ class TrainingEvidence:
                              for d in self.datasets]}
 
 
-def _finite(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
 
 def load_evidence(path: Path, configs: list[dict]) -> TrainingEvidence:
     """The ``evidence.json`` saved next to a surrogate whose ``candidates.json`` holds ``configs``, or a
@@ -186,12 +182,12 @@ def load_evidence(path: Path, configs: list[dict]) -> TrainingEvidence:
         if not isinstance(d, dict) or not isinstance(d.get("name"), str):
             raise ModelLoadError(f"{where}: must be an object with a string 'name'")
         meta = d.get("meta_features")
-        if not isinstance(meta, dict) or not all(_finite(v) for v in meta.values()):
+        if not isinstance(meta, dict) or not all(is_finite_number(v) for v in meta.values()):
             raise ModelLoadError(f"{where}: 'meta_features' must be an object of finite numbers")
         runs = d.get("runs")
         if not isinstance(runs, list) or not runs or not all(
                 isinstance(r, list) and len(r) == 3 and isinstance(r[0], int) and 0 <= r[0] < len(configs)
-                and _finite(r[1]) and (r[2] is None or _finite(r[2])) for r in runs):
+                and is_finite_number(r[1]) and (r[2] is None or is_finite_number(r[2])) for r in runs):
             raise ModelLoadError(f"{where}: 'runs' must be a non-empty list of [candidate index < "
                                  f"{len(configs)}, performance, seconds or null]")
         datasets.append(DatasetRecord(d["name"], {str(k): float(v) for k, v in meta.items()},

@@ -34,14 +34,13 @@ to the surrogate as ``guard.json`` (plain JSON).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from metaprep.errors import ConfigError, ModelLoadError
-from metaprep.jsonio import read_json
+from metaprep.jsonio import is_finite_number, read_json
 from metaprep.transfer.defaults import best_default_order, normalized_regret
 from metaprep.transfer.features import DictEncoder
 from metaprep.transfer.metadataset import Pool
@@ -186,7 +185,7 @@ class DefaultGuard:
                 or data.get("format_version") != GUARD_VERSION:
             raise ModelLoadError(f"{path}: not a default guard of format {GUARD_VERSION} (as written by "
                                  "Recommender.save)")
-        if not _finite(data.get("bandwidth")) or data["bandwidth"] <= 0:
+        if not is_finite_number(data.get("bandwidth")) or data["bandwidth"] <= 0:
             raise ModelLoadError(f"{path}: 'bandwidth' must be a positive number")
         if not isinstance(data.get("folds"), int) or isinstance(data["folds"], bool) or data["folds"] < 2:
             raise ModelLoadError(f"{path}: 'folds' must be an integer >= 2")
@@ -201,11 +200,11 @@ class DefaultGuard:
                 raise ModelLoadError(f"{where}: must be an object with a string 'dataset'")
             meta = r.get("meta_features")
             if not isinstance(meta, dict) or sorted(meta) != sorted(meta_features) \
-                    or not all(_finite(v) for v in meta.values()):
+                    or not all(is_finite_number(v) for v in meta.values()):
                 raise ModelLoadError(f"{where}: 'meta_features' must map exactly {sorted(meta_features)} to finite "
                                      "numbers")
             for key in ("regret_surrogate", "regret_default"):
-                if not _finite(r.get(key)) or not 0 <= r[key] <= 1:
+                if not is_finite_number(r.get(key)) or not 0 <= r[key] <= 1:
                     raise ModelLoadError(f"{where}: {key!r} must be a number in [0, 1]")
             if any(h.dataset == r["dataset"] for h in records):
                 raise ModelLoadError(f"{where}: dataset {r['dataset']!r} is held out twice")
@@ -214,5 +213,3 @@ class DefaultGuard:
         return cls(records, float(data["bandwidth"]), data["folds"])
 
 
-def _finite(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

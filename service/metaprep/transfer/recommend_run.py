@@ -72,14 +72,14 @@ def recommend_configurations(meta: dict[str, float], candidates: list[dict] | No
         scoped, notes = apply_scope(pool, scope or {}, finetune_only) if pool else (pool, [])
         source = str(surrogate_dir)
     try:
-        picks = recommender.rank(meta, scoped, k=top_k, cost_aware=cost_aware, cost_weight=cost_weight)
+        picks, decision = recommender.rank_checked(meta, scoped, k=top_k, cost_aware=cost_aware,
+                                                   cost_weight=cost_weight)
     except DataError as exc:
         raise ConfigError(f"--meta-features: {exc}") from None
     has_cost = recommender.surrogate.cost is not None
     portfolio = [{"rank": r.rank, "config": _plain(r.config), "predicted_normalised": r.predicted_performance,
                   "predicted_normalised_std": r.predicted_std, "predicted_cost_s": r.predicted_cost_s,
                   "score": r.score, "picked_by": r.picked_by} for r in picks]
-    decision = None if cost_aware else recommender.first_pick(meta, scoped)[1]
     if cost_aware and recommender.guard is not None:
         notes.append("--cost-aware: the first pick is not checked against the best default (the guard's held-out "
                      "evidence compares performance, not performance per cost)")

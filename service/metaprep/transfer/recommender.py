@@ -142,6 +142,14 @@ class Recommender:
         """The top-k portfolio (all candidates ordered when ``k`` is None) for meta-features ``meta``;
         ``guarded=False`` ignores the guard (the surrogate's portfolio alone), as cost-aware ranking does (the
         guard's evidence compares performance only)."""
+        return self.rank_checked(meta, candidates, k=k, cost_aware=cost_aware, cost_weight=cost_weight,
+                                 guarded=guarded)[0]
+
+    def rank_checked(self, meta: dict[str, float], candidates: list[dict] | None = None, *, k: int | None = None,
+                     cost_aware: bool = False, cost_weight: float = 1.0,
+                     guarded: bool = True) -> tuple[list[Recommendation], GuardDecision | None]:
+        """:meth:`rank` and the guard's decision behind its first pick (None when unguarded, cost-aware or
+        fitted without a guard), from one evaluation of the guard."""
         candidates = candidates if candidates is not None else self.candidates
         if not candidates:
             raise ConfigError("no candidate configurations to rank (pass candidates or fit on a meta-dataset)")
@@ -151,15 +159,16 @@ class Recommender:
         if cost_aware and cost is None:
             raise ConfigError("cost-aware ranking needs a meta-dataset with costs (this one records none)")
         members = self.surrogate.predict_members(candidates, meta)
-        first = self.first_pick(meta, candidates)[0] if guarded and not cost_aware else None
+        first, decision = self.first_pick(meta, candidates) if guarded and not cost_aware else (None, None)
         order, gains = greedy_portfolio(members, k or len(candidates), cost if cost_aware else None,
                                         cost_weight, first=first)
         mean, std = members.mean(0), members.std(0)
-        return [Recommendation(rank=r + 1, config=candidates[i], predicted_performance=float(mean[i]),
-                               predicted_std=float(std[i]),
-                               predicted_cost_s=None if cost is None else float(cost[i]), score=g,
-                               picked_by="best_default" if r == 0 and first is not None else "surrogate")
-                for r, (i, g) in enumerate(zip(order, gains, strict=True))]
+        picks = [Recommendation(rank=r + 1, config=candidates[i], predicted_performance=float(mean[i]),
+                                predicted_std=float(std[i]),
+                                predicted_cost_s=None if cost is None else float(cost[i]), score=g,
+                                picked_by="best_default" if r == 0 and first is not None else "surrogate")
+                 for r, (i, g) in enumerate(zip(order, gains, strict=True))]
+        return picks, decision
 
     def save(self, dirpath: str | Path) -> Path:
         import json

@@ -41,7 +41,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from metaprep.errors import DataError, ModelLoadError
-from metaprep.jsonio import read_json
+from metaprep.jsonio import is_finite_number, read_json
 from metaprep.transfer.features import FeatureEncoder
 from metaprep.transfer.metadataset import Pool
 
@@ -143,9 +143,6 @@ def load_json(path: Path) -> dict:
     return spec
 
 
-def _finite(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
 
 def check_spec(spec: dict, path: Path) -> None:
     """The fields of a surrogate spec that size the ensembles and scale their inputs, each of the right type."""
@@ -160,7 +157,7 @@ def check_spec(spec: dict, path: Path) -> None:
         stats = spec.get(key)
         if key == "cost_stats" and stats is None:
             continue
-        if not isinstance(stats, dict) or not all(_finite(stats.get(f)) for f in fields):
+        if not isinstance(stats, dict) or not all(is_finite_number(stats.get(f)) for f in fields):
             raise ModelLoadError(f"{path}: {key!r} must be an object of finite numbers {', '.join(fields)}")
     if not isinstance(spec.get("performance_desc", ""), str):
         raise ModelLoadError(f"{path}: 'performance_desc' must be a string")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import json
 import os
 import time
 from pathlib import Path
@@ -104,7 +105,10 @@ def _run(plan: Plan, args: argparse.Namespace) -> dict:
         "memory": memory, "profiles": {}, "peers_not_run": dict(PEERS_NOT_RUN),
     }
     report["targets"] = evaluate_targets(report)
+    out = getattr(args, "out", None)
     if plan.profile:
+        if out:  # the measurements are on disk before the profiler runs (it can exhaust memory on a large model)
+            _write_json(Path(out), {"suite": "throughput", **report, "profiles": "not yet taken"})
         report["profiles"] = profile_for_targets(plan, report["targets"])
     for name, t in report["targets"].items():
         if t["met"] is False:
@@ -112,11 +116,18 @@ def _run(plan: Plan, args: argparse.Namespace) -> dict:
     report["load_avg"] = {"before": load_before, "after": os.getloadavg()}
     report["suite_wall_s"] = time.perf_counter() - start
     report["table_md"] = summary_table(report)
-    out = getattr(args, "out", None)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).with_name(Path(out).stem + "_summary.md").write_text(report["table_md"])
     return report
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    """``obj`` as JSON at ``path``, whole or not at all (written next to it, then swapped in)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    tmp.replace(path)
 
 
 EMULATED_BF16_MAX_S = 2.0  # fp32 steps above this are not timed in bf16 on CPUs without bf16 instructions

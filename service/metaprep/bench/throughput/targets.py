@@ -75,8 +75,13 @@ def profile_key(model: str, algorithm: str, method: str, precision: str, meta_ba
     return f"{model}/{algorithm}/{method}/{precision}/T={meta_batch}"
 
 
+PROFILE_LARGE_META_BATCH = 1  # the large model is profiled one task per step: op shares per task, and
+# torch.profiler's records of a SmolLM2-135M bf16 step at meta-batch 4 outgrew this machine's 24 GB
+
+
 def profile_for_targets(plan: Plan, targets: dict) -> dict:
-    """torch.profiler summaries of the configurations behind each missed target (fomaml, or the worst algorithm)."""
+    """torch.profiler summaries of the configurations behind each missed target (fomaml, or the worst algorithm);
+    the large model's at :data:`PROFILE_LARGE_META_BATCH`."""
     small, large = plan.models[0], plan.models[-1]
     wanted: list[tuple[ModelPlan, str, str, str, int]] = []
     for name, t in targets.items():
@@ -85,11 +90,10 @@ def profile_for_targets(plan: Plan, targets: dict) -> dict:
         if name == "bf16_vs_fp32":
             # SmolLM2 profiles: fomaml (the transformer and its LoRA factors; profiling mltd's TAMS cells
             # on SmolLM2 holds over 20 GB of profiler records)
-            pair = batch_of(large, "fomaml", bf16=True)
+            pair = PROFILE_LARGE_META_BATCH
             wanted += [(large, "fomaml", "batched", "fp32", pair), (large, "fomaml", "batched", "bf16", pair)]
         elif name in ("mfu_fp32", "mfu_bf16"):
-            precision = name.split("_")[1]
-            wanted.append((large, "fomaml", "batched", precision, batch_of(large, "fomaml", precision == "bf16")))
+            wanted.append((large, "fomaml", "batched", name.split("_")[1], PROFILE_LARGE_META_BATCH))
         elif name in VERSUS:
             other = VERSUS[name]
             wanted += [(small, _worst(t), "batched", "fp32", META_BATCH), (small, _worst(t), other, "fp32", META_BATCH)]
@@ -120,7 +124,7 @@ def explain(name: str, report: dict) -> str:
     large = labels[-1]
     if name == "bf16_vs_fp32":
         lin = machine.get("linear_gflops", {}).get(large, {})
-        pair = batch_of(report["plan"]["models"][-1], "fomaml", bf16=True)
+        pair = PROFILE_LARGE_META_BATCH
         prof = profiles.get(profile_key(large, "fomaml", "batched", "bf16", pair), {})
         instr = ", ".join(machine["bf16_instructions"]) or "none"
         cpu = (f"{machine['cpu']}; bf16 instructions: {instr}; torch CPU capability {machine['cpu_capability']}")
@@ -128,18 +132,23 @@ def explain(name: str, report: dict) -> str:
                    f"{peak['fp32_gflops']:.1f} in fp32, and F.linear at the model's FFN shape {lin.get('shape')} runs "
                    f"at {fmt(lin.get('bf16_autocast'), '.1f')} GFLOP/s under bf16 autocast vs "
                    f"{fmt(lin.get('fp32'), '.1f')} in fp32")
-        step = (f"Profile of the bf16 meta-step: {fmt(prof.get('matmul_share'), '.0%')} of op time in matmuls at "
+        step = (f"Profile of the bf16 meta-step (meta-batch {pair}): {fmt(prof.get('matmul_share'), '.0%')} of op "
+                f"time in matmuls at "
                 f"{fmt(prof.get('matmul_gflops'), '.1f')} GFLOP/s, {fmt(prof.get('copy_cast_share'), '.0%')} in "
                 f"casts/copies")
         fp32 = profiles.get(profile_key(large, "fomaml", "batched", "fp32", pair), {})
         share, fast, slow = fp32.get("matmul_share"), lin.get("bf16_autocast"), lin.get("fp32")
         if fast and slow and fast > 1.5 * slow:  # native bf16 GEMMs: the step is bounded by what bf16 does not speed up
             bound = 1 / ((1 - share) + share * slow / fast) if share else None
-            return (f"bf16 GEMMs are fast on this CPU ({cpu}): {kernels}. The meta-step still gains only "
-                    f"{report['targets'][name]['value']:.2f}x: in fp32 matmuls are {fmt(share, '.0%')} of its op "
-                    f"time, so even with every matmul at the bf16 F.linear speed the step is bounded by Amdahl at "
-                    f"{fmt(bound, '.2f')}x; the rest (RMSNorm, SiLU, RoPE, the 49k-vocabulary softmax/cross-entropy "
-                    f"that autocast keeps in fp32, the fast-weight products, AdamW) does not speed up, and autocast "
+            ceiling = peak["bf16_gflops"] / peak["fp32_gflops"]
+            below = " (below the target)" if ceiling < report["targets"][name]["target"] else ""
+            return (f"bf16 GEMMs are fast on this CPU ({cpu}): {kernels}. A step made only of peak-speed matmuls "
+                    f"would gain {ceiling:.2f}x, the ceiling of bf16 / fp32 here{below}. The meta-step gains "
+                    f"{report['targets'][name]['value']:.2f}x (worst algorithm): in fp32 matmuls are "
+                    f"{fmt(share, '.0%')} of its op time at meta-batch {pair}, so with every matmul at the bf16 "
+                    f"F.linear speed Amdahl gives {fmt(bound, '.2f')}x there (more at larger meta-batches); the rest "
+                    f"(RMSNorm, SiLU, RoPE, the 49k-vocabulary softmax/cross-entropy that autocast keeps in fp32, "
+                    f"the fast-weight products, AdamW) does not speed up, and autocast "
                     f"adds fp32<->bf16 casts. {step}. Closing it needs a larger share of time in big matmuls (longer "
                     f"sequences, larger meta-batches than fit in this budget) or a GPU.")
         return (f"bf16 is not faster than fp32 on this CPU ({cpu}): {kernels}. Without native bf16 GEMMs "
@@ -149,12 +158,13 @@ def explain(name: str, report: dict) -> str:
         precision, target = name.split("_")[1], report["targets"][name]
         algorithm = "fomaml"  # the profiled configuration (see profile_for_targets)
         lin = machine.get("linear_gflops", {}).get(large, {})
-        prof = profiles.get(profile_key(large, algorithm, "batched", precision, target["meta_batch"][algorithm]), {})
+        prof = profiles.get(profile_key(large, algorithm, "batched", precision, PROFILE_LARGE_META_BATCH), {})
         share, mm, top = prof.get("matmul_share"), prof.get("matmul_gflops"), peak[f"{precision}_gflops"]
         bound = share * mm / top if share and mm else None
         linear = lin.get("fp32" if precision == "fp32" else "bf16_autocast")
         return (f"Worst: {_worst(target)} at {fmt(target['value'], '.1%')}. Profile of the {large} {algorithm} "
-                f"{precision} meta-step: matmuls take {fmt(share, '.0%')} of op "
+                f"{precision} meta-step (profiled at meta-batch {PROFILE_LARGE_META_BATCH}): matmuls take "
+                f"{fmt(share, '.0%')} of op "
                 f"time and run at {fmt(mm, '.1f')} GFLOP/s ({fmt(mm / top if mm else None, '.0%')} of the "
                 f"{top:.1f} GFLOP/s square-matmul peak: the model's matmuls are skinny, e.g. "
                 f"F.linear {lin.get('shape')} reaches {fmt(linear, '.1f')} GFLOP/s); the rest is "
