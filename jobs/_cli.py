@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Callable
@@ -51,8 +50,6 @@ def write_summary(path: str | None, summary: dict) -> None:
     """Write the job's summary JSON (atomically: never a half-written file)."""
     if not path:
         return
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(target.suffix + ".tmp")
-    tmp.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    tmp.replace(target)
+    from metaprep.jsonio import write_json
+
+    write_json(Path(path), summary)

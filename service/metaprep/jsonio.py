@@ -29,6 +29,14 @@ def is_finite_number(value: object) -> bool:
         return False
 
 
+def write_json(path: Path, obj: Any) -> None:
+    """``obj`` as indented, key-sorted JSON at ``path``, whole or not at all (written next to it, then swapped in)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
 def machine_memory_bytes() -> int:
     """This machine's memory: physical RAM, or the container's cgroup limit when lower."""
     total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

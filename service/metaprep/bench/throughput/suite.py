@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import json
 import os
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from metaprep.bench.throughput.setup import Setup
 from metaprep.bench.throughput.tables import find, result_rows, summary_table
 from metaprep.bench.throughput.targets import evaluate_targets, explain, profile_for_targets
 from metaprep.bench.throughput.timing import measure
+from metaprep.jsonio import write_json
 from metaprep.models.base import LoadedModel, load_base_model
 from metaprep.progress import Progress, duration
 from metaprep.reparam.layers import ReparamLinear
@@ -108,7 +108,7 @@ def _run(plan: Plan, args: argparse.Namespace) -> dict:
     out = getattr(args, "out", None)
     if plan.profile:
         if out:  # the measurements are on disk before the profiler runs (it can exhaust memory on a large model)
-            _write_json(Path(out), {"suite": "throughput", **report, "profiles": "not yet taken"})
+            write_json(Path(out), {"suite": "throughput", **report, "profiles": "not yet taken"})
         report["profiles"] = profile_for_targets(plan, report["targets"])
     for name, t in report["targets"].items():
         if t["met"] is False:
@@ -120,14 +120,6 @@ def _run(plan: Plan, args: argparse.Namespace) -> dict:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).with_name(Path(out).stem + "_summary.md").write_text(report["table_md"])
     return report
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    """``obj`` as JSON at ``path``, whole or not at all (written next to it, then swapped in)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-    tmp.replace(path)
 
 
 EMULATED_BF16_MAX_S = 2.0  # fp32 steps above this are not timed in bf16 on CPUs without bf16 instructions
