@@ -1,10 +1,12 @@
 """Paired comparison of two LM-suite runs: ``python -m jobs.compare A.json:METHOD B.json:METHOD``.
 
-For runs of one suite that differ only in budget (``--meta-steps``) or method list, e.g. MLtD at
-160 meta-steps against multitask at 80 (the same number of outer-loss target tokens: multitask's
-loss reads support and query, MLtD's only query). Pairs the final (and step-0) query loss of each
-(fold, seed, test task), as :func:`metaprep.bench.lm_report.paired_differences` does within one
-run; negative = A better than B. Refuses runs whose protocols differ in anything else.
+For runs of one suite that differ only in budget (``--meta-steps``), method list or precision
+(``--set precision=...``), e.g. MLtD at 160 meta-steps against multitask at 80 (the same number of
+outer-loss target tokens: multitask's loss reads support and query, MLtD's only query), or a method
+in bf16 against the same method in fp32 (issue 17: bf16 is the default only where it costs no quality).
+Pairs the final (and step-0) query loss of each (fold, seed, test task), as
+:func:`metaprep.bench.lm_report.paired_differences` does within one run; negative = A better than B.
+Refuses runs whose protocols differ in anything else.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from metaprep.bench.lm_report import RUN_FIELDS, paired_differences, run_record_
 from metaprep.errors import ConfigError
 from metaprep.jsonio import read_json
 
-MAY_DIFFER = ("meta_steps", "methods", "quick")
+MAY_DIFFER = ("meta_steps", "methods", "quick", "precision")
 
 
 def _side(spec: str) -> tuple[Path, str, dict]:
@@ -68,15 +70,23 @@ def compare(a: str, b: str) -> dict:
     paired = paired_differences(records, reference=label_b).get(label_a)
     if paired is None:
         raise ConfigError(f"{pa} and {pb}: fewer than 2 (fold, seed, task) pairs in common")
-    return {"a": {"file": str(pa), "method": ma, "meta_steps": ra["protocol"]["meta_steps"]},
-            "b": {"file": str(pb), "method": mb, "meta_steps": rb["protocol"]["meta_steps"]}, **paired}
+    side = lambda path, method, report: {  # noqa: E731
+        "file": str(path), "method": method, "meta_steps": report["protocol"]["meta_steps"],
+        "precision": report["protocol"].get("precision")}
+    return {"a": side(pa, ma, ra), "b": side(pb, mb, rb), **paired}
 
 
 HEADER = ("| A | B | A − B query loss after adaptation (95 % CI) | before adaptation | pairs |\n"
           "|---|---|---|---|---|")
 
 
-def markdown_row(out: dict, name=lambda side: f"{side['method']} @ {side['meta_steps']} meta-steps") -> str:
+def side_label(side: dict) -> str:
+    """``method @ N meta-steps``, with the precision where the run recorded one."""
+    precision = f", {side['precision']}" if side.get("precision") else ""
+    return f"{side['method']} @ {side['meta_steps']} meta-steps{precision}"
+
+
+def markdown_row(out: dict, name=side_label) -> str:
     """One table row of :func:`compare`'s result; ``name`` labels a side."""
     return (f"| {name(out['a'])} | {name(out['b'])} | {out['after']:+.4f} ± {out['after_ci95']:.4f} | "
             f"{out['before']:+.4f} ± {out['before_ci95']:.4f} | {out['n']} |")

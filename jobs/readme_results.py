@@ -110,7 +110,7 @@ def comparisons() -> str:
     pairs = re.findall(r"^- compare: `(\S+) (\S+)`", path.read_text(), flags=re.M) if path.exists() else []
     if not pairs:
         return ""
-    from jobs.compare import HEADER, compare, markdown_row
+    from jobs.compare import HEADER, compare, markdown_row, side_label
     from metaprep.errors import MetaprepError
 
     lines = [HEADER]
@@ -119,8 +119,7 @@ def comparisons() -> str:
             out = compare(str(ROOT / a), str(ROOT / b))
         except MetaprepError as exc:
             raise SystemExit(f"error: results/COMMANDS.md: compare {a} {b}: {exc}") from None
-        lines.append(markdown_row(out, lambda side: f"`{Path(side['file']).stem}` {side['method']} @ "
-                                                    f"{side['meta_steps']} meta-steps"))
+        lines.append(markdown_row(out, lambda side: f"`{Path(side['file']).stem}` {side_label(side)}"))
     return ("#### Paired comparisons across runs (`python -m jobs.compare A.json:METHOD B.json:METHOD`)\n\n"
             "Same fold, seed and test task; negative = A has the lower query loss; 95 % t-interval.\n\n"
             + "\n".join(lines) + "\n")

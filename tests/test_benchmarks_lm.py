@@ -266,17 +266,20 @@ def test_bad_bench_recipe_is_one_line_with_file_and_line(tmp_path, edit, quick, 
 def test_compare_pairs_two_runs_and_refuses_different_protocols(tmp_path):
     from jobs.compare import compare
 
-    def run(path, steps, method, after, seq_len=48):
+    def run(path, steps, method, after, seq_len=48, precision="fp32"):
         runs = [{"fold": "f", "seed": seed, "method": method, "tasks": ["a", "b"],
                  "curve": [[3.0, 4.0], [after + seed, after + 1 + seed]]} for seed in (0, 1)]
-        path.write_text(json.dumps({"suite": "persona", "runs": runs,
-                                    "protocol": {"meta_steps": steps, "methods": [method], "seq_len": seq_len}}))
+        path.write_text(json.dumps({"suite": "persona", "runs": runs, "protocol": {
+            "meta_steps": steps, "methods": [method], "seq_len": seq_len, "precision": precision}}))
         return path
 
     long, short = run(tmp_path / "long.json", 160, "mltd", 2.0), run(tmp_path / "short.json", 80, "multitask", 2.25)
     out = compare(f"{long}:mltd", f"{short}:multitask")
     assert out["n"] == 4 and math.isclose(out["after"], -0.25) and math.isclose(out["before"], 0.0)
     assert (out["a"]["meta_steps"], out["b"]["meta_steps"]) == (160, 80)
+    bf16 = run(tmp_path / "bf16.json", 160, "mltd", 2.5, precision="bf16")  # precision may differ (issue 17)
+    out = compare(f"{bf16}:mltd", f"{long}:mltd")
+    assert math.isclose(out["after"], 0.5) and (out["a"]["precision"], out["b"]["precision"]) == ("bf16", "fp32")
     other = run(tmp_path / "other.json", 80, "multitask", 2.25, seq_len=64)
     with pytest.raises(ConfigError, match="protocol differs from .* in seq_len"):
         compare(f"{long}:mltd", f"{other}:multitask")

@@ -71,14 +71,17 @@ def test_two_workers_equal_one_worker(ray_cluster, tmp_path, algorithm: str, sta
     assert any(not torch.allclose(moved[k], w1[k]) for k in w1 if k.startswith("base."))
 
 
-@pytest.mark.parametrize("algorithm, extra", [("maml", []), ("mltd", MLTD_2ND)])
-def test_zero3_second_order_equals_zero1(tmp_path, algorithm: str, extra: list[str]) -> None:
-    """ZeRO-3 keeps weights gathered through the double backward (train/zero3.py): same meta-gradient as ZeRO-1."""
+@pytest.mark.parametrize("algorithm, extra, zero3_extra", [
+    ("maml", [], []), ("mltd", MLTD_2ND, []), ("maml", ["meta.inner_steps=3"], ["meta.inner_checkpointing=true"])])
+def test_zero3_second_order_equals_zero1(tmp_path, algorithm: str, extra: list[str], zero3_extra: list[str]) -> None:
+    """ZeRO-3 keeps weights gathered through the double backward (train/zero3.py): same meta-gradient as ZeRO-1,
+    also when ZeRO-3 recomputes the inner steps in the meta-backward (meta.inner_checkpointing)."""
     from metaprep.train.local import meta_train_local
 
     runs = [meta_train_local(load_config(MetaTrainConfig, ROOT / "jobs/configs/tiny.yaml",
                                          [*FAST, "meta.meta_steps=2", f"algorithm={algorithm}", *extra,
-                                          f"distributed.zero_stage={stage}"]), export=True) for stage in (1, 3)]
+                                          f"distributed.zero_stage={stage}", *(zero3_extra if stage == 3 else [])]),
+                             export=True) for stage in (1, 3)]
     assert runs[1].final["meta_val_loss_end"] == pytest.approx(runs[0].final["meta_val_loss_end"], rel=1e-5)
     w1, w3 = _weights(runs[0].export_dir), _weights(runs[1].export_dir)
     assert w1.keys() == w3.keys()

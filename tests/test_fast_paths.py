@@ -92,9 +92,21 @@ def test_synthetic_letters_set_the_example_length() -> None:
     assert load_config(MetaTrainConfig, None, ["tasks.synthetic_letters=30"]).tasks.synthetic_letters == 30
 
 
-@pytest.mark.parametrize("algorithm, kind", [("maml", "lora"), ("mltd", "tarp_bilinear"), ("fomaml", "lora")])
-def test_activation_checkpointing_gives_the_same_meta_gradient(algorithm: str, kind: str) -> None:
-    """Second order (maml, mltd with TAMS) and first order: loss and every gradient equal to the unchecked path."""
+LAYERS = ("distributed.activation_checkpointing=true",)
+INNER = ("meta.inner_checkpointing=true",)
+
+
+@pytest.mark.parametrize("algorithm, kind, switches, extra", [
+    ("maml", "lora", LAYERS, ()), ("mltd", "tarp_bilinear", LAYERS, ()), ("fomaml", "lora", LAYERS, ()),
+    ("maml", "lora", INNER, ()), ("mltd", "tarp_bilinear", INNER, ("meta.second_order=true",)),
+    ("maml", "lora", INNER, ("meta.inner_optimizer=adam", "meta.support_weight=1.0")),
+    ("maml", "lora", LAYERS + INNER, ("meta.inner_steps=3",)),
+])
+def test_activation_checkpointing_gives_the_same_meta_gradient(algorithm: str, kind: str, switches: tuple,
+                                                               extra: tuple) -> None:
+    """Layer checkpointing (second order: maml, mltd with TAMS; first order) and inner-step checkpointing
+    (second order, sgd and Adam-style, with the support term), alone and together: loss and every
+    gradient equal to the unchecked path."""
     from metaprep.meta.build import build_learner, build_meta_model
     from metaprep.tasks.base import make_batch, sample_meta_batch, split_tasks
     from metaprep.tasks.families import load_tasks
@@ -103,8 +115,8 @@ def test_activation_checkpointing_gives_the_same_meta_gradient(algorithm: str, k
         torch.manual_seed(1)  # the controller's layers draw from the global RNG
         cfg = load_config(MetaTrainConfig, None, [
             "model.tiny.dim=32", "model.tiny.hidden_dim=64", "model.tiny.layers=2", "model.tiny.heads=2",
-            "tasks.seq_len=16", f"algorithm={algorithm}", f"reparam.kind={kind}", "meta.inner_steps=2",
-            f"distributed.activation_checkpointing={str(checkpointing).lower()}"])
+            "tasks.seq_len=16", f"algorithm={algorithm}", f"reparam.kind={kind}", "meta.inner_steps=2", *extra,
+            *(switches if checkpointing else ())])
         model, loaded = build_meta_model(cfg)
         learner = build_learner(cfg, model, num_train_tasks=8)
         split = split_tasks(load_tasks(cfg.tasks), 0.15, 0.15, 1)
@@ -126,6 +138,17 @@ def test_activation_checkpointing_gives_the_same_meta_gradient(algorithm: str, k
     assert grads.keys() == plain.keys() and len(plain) > 10
     for name, g in plain.items():
         torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_inner_checkpointing_needs_second_order() -> None:
+    from metaprep.errors import ConfigError
+
+    cfg = load_config(MetaTrainConfig, None, ["algorithm=maml", "meta.inner_checkpointing=true"])
+    assert cfg.meta.inner_checkpointing
+    for algorithm, kind in (("fomaml", "lora"), ("mltd", "tarp_bilinear")):  # mltd: first order by default
+        with pytest.raises(ConfigError, match=r"meta.inner_checkpointing: only a second-order .* use false"):
+            load_config(MetaTrainConfig, None, [f"algorithm={algorithm}", f"reparam.kind={kind}",
+                                                "meta.inner_checkpointing=true"])
 
 
 @pytest.mark.parametrize("flags, native", [("fpu avx2 fma", False), ("fpu avx512f avx512_bf16", True),

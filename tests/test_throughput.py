@@ -60,7 +60,8 @@ def test_quick_suite_writes_positive_finite_numbers(tmp_path: Path) -> None:
     assert _positive(fomaml["analytic_flops"])
 
     orders = {(m["order"], m["inner_steps"]) for m in report["memory"]}
-    assert orders == {(o, k) for o in ("first_order", "second_order") for k in plan["memory_inner_steps"]}
+    assert orders == {(o, k) for o in ("first_order", "second_order", "second_order_checkpointed")
+                      for k in plan["memory_inner_steps"]}
     for m in report["memory"]:
         assert "error" not in m, m
         assert _positive(m["peak_rss_mb"]) and _positive(m["step_peak_rss_mb"])

@@ -4,4 +4,4 @@ Implements MLtD (Hou et al., TACL 2022), Meta-LoRA (Block et al., 2024) and tran
 finetuning configurations (Strangmann et al., 2024) as one library; see DESIGN.md.
 """
 
-__version__ = "0.12.1"
+__version__ = "0.12.2"

@@ -130,6 +130,10 @@ class MetaConfig:
     freeze_base: bool = _help("meta-learn only the difference (TARP/TAMS), keep the base frozen", False)
     second_order: bool = _help("differentiate through the inner loop, for algorithms where it is optional "
                                "(mltd, mltd_tarp; maml always does)", False)
+    inner_checkpointing: bool = _help("second order only: keep each inner step's inputs instead of its graph and "
+                                      "recompute the step in the meta-backward, so memory holds one inner step's "
+                                      "graph instead of all of them (the same meta-gradient, about 2 more "
+                                      "forward-backward passes per inner step)", False)
     support_weight: float = _help("λ of the outer objective L_query(φ_t) + λ·L_support(θ): the episodic "
                                   "algorithms also learn from the support tokens at the init, as multitask "
                                   "does (0 = the papers' objective)", 0.0)
@@ -273,6 +277,10 @@ class MetaTrainConfig:
         if self.meta.early_stopping_patience and not spec.meta_trains:
             raise ConfigError(f"meta.early_stopping_patience: algorithm {self.algorithm} does not meta-train, so "
                               f"there is nothing to stop; use 0, got {self.meta.early_stopping_patience}")
+        if self.meta.inner_checkpointing and not self.second_order:
+            raise ConfigError(f"meta.inner_checkpointing: only a second-order meta-gradient keeps the inner steps' "
+                              f"graphs; algorithm {self.algorithm} with meta.second_order="
+                              f"{str(self.meta.second_order).lower()} is first order, so use false")
         if self.distributed.activation_checkpointing and self.distributed.zero_stage == 3:
             raise ConfigError("distributed.activation_checkpointing: needs distributed.zero_stage 1 or 2 (ZeRO-3 "
                               "releases the layer weights that the recomputation reads), got 3")

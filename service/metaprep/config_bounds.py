@@ -145,7 +145,8 @@ def tiny_memory_bytes(cfg: MetaTrainConfig) -> tuple[int, int]:
     Per worker: fp32 weights, gradients and AdamW's two moments (16 bytes a parameter), and the
     activations of its share of a meta-batch (or of the meta-val episodes) kept for every inner step:
     logits, softmax and their gradient over the vocabulary, plus per layer the hidden states, FFN and
-    attention scores. Generated synthetic tasks are held by the driver and every worker.
+    attention scores. Generated synthetic tasks are held by the driver and every worker. With
+    ``meta.inner_checkpointing`` the meta-backward holds one inner step's graph (and the query's) at a time.
     """
     tiny, t, m, workers = cfg.model.tiny, cfg.tasks, cfg.meta, cfg.distributed.num_workers
     params = tiny.vocab_size * tiny.dim + tiny.layers * (4 * tiny.dim ** 2 + 3 * tiny.dim * tiny.hidden_dim
@@ -153,7 +154,8 @@ def tiny_memory_bytes(cfg: MetaTrainConfig) -> tuple[int, int]:
     per_token = 4 * (3 * tiny.vocab_size
                      + tiny.layers * (12 * tiny.dim + 4 * tiny.hidden_dim + 2 * tiny.heads * t.seq_len))
     per_task = (t.shots + t.query_size) * t.seq_len * per_token
-    train = math.ceil(m.meta_batch_size / workers) * per_task * (m.inner_steps + 1)
+    kept = 2 if m.inner_checkpointing else m.inner_steps + 1  # inner-step graphs alive at once, and the query's
+    train = math.ceil(m.meta_batch_size / workers) * per_task * kept
     val = m.eval_tasks * per_task * 2  # adaptation of the meta-val episodes: forward + backward, no outer graph
     tasks = (workers + 1) * t.num_tasks * SYNTHETIC_TASK_BYTES if t.family == "synthetic" else 0
     return workers * 16 * params, workers * max(train, val) + tasks
@@ -170,4 +172,4 @@ def _check_memory(cfg: MetaTrainConfig) -> None:
             f"(weights and optimizer state {state / gib:.1f} GiB, activations and tasks {activations / gib:.1f} GiB), "
             f"above the bound of {bound / gib:.1f} GiB (half of this machine's {memory / gib:.1f} GiB); reduce "
             f"model.tiny.vocab_size/dim/layers/hidden_dim, meta.meta_batch_size, meta.eval_tasks, tasks.shots, "
-            f"tasks.query_size, tasks.seq_len or tasks.num_tasks")
+            f"tasks.query_size, tasks.seq_len or tasks.num_tasks, or (second order) set meta.inner_checkpointing")

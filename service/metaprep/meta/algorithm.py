@@ -56,7 +56,7 @@ class MetaAlgorithm(nn.Module):
     def from_config(cls, cfg, model, num_train_tasks: int) -> MetaAlgorithm:
         """Build from a :class:`~metaprep.config.MetaTrainConfig`; the only place an algorithm reads it."""
         m, s = cfg.meta, cfg.search
-        return cls(InnerLoopSpec(m.inner_steps, m.inner_lr, m.inner_optimizer),
+        return cls(InnerLoopSpec(m.inner_steps, m.inner_lr, m.inner_optimizer, m.inner_checkpointing),
                    create_graph=cls.uses_second_order(m.second_order),
                    tau=TauSchedule(s.tau_start, s.tau_end, m.meta_steps),
                    support_weight=m.support_weight, warm_start_steps=m.warm_start_steps)

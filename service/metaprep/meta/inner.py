@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from metaprep.reparam.context import FastWeights
 from metaprep.search.controller import TauSchedule
@@ -28,6 +29,7 @@ class InnerLoopSpec:
     steps: int
     lr: float
     optimizer: str = "sgd"
+    checkpoint: bool = False  # meta.inner_checkpointing: recompute each second-order inner step in backward
 
 
 def flatten_fast(fast: FastWeights) -> tuple[list[tuple[str, str]], list[torch.Tensor]]:
@@ -50,39 +52,56 @@ def detached(fast: FastWeights) -> FastWeights:
 def inner_loop(model, support: TaskBatch, fast: FastWeights, arch: torch.Tensor | None, steps: int, lr: float,
                optimizer: str = "sgd", create_graph: bool = False,
                on_step: Callable[[FastWeights], None] | None = None,
-               keep_first: bool = False) -> tuple[FastWeights, list[torch.Tensor]]:
+               keep_first: bool = False, checkpoint_steps: bool = False) -> tuple[FastWeights, list[torch.Tensor]]:
     """``steps`` updates of ``fast`` on ``support``; returns the adapted weights and per-step losses (T,).
 
     ``on_step`` sees the weights after every update (adaptation curves). Factors the model declares
     meta-only (``model.fast_init.meta_only``, e.g. TAMS projections) are read but not updated.
     ``keep_first``: the first loss (at the init) is returned with its graph, for an outer term on it.
+
+    ``checkpoint_steps`` (with ``create_graph``; ``meta.inner_checkpointing``): each update runs in a
+    non-reentrant :func:`torch.utils.checkpoint.checkpoint` that keeps only its inputs (the fast weights
+    and Adam moments, small next to the activations). The meta-backward recomputes one step's forward and
+    differentiable backward at a time, so second order holds the graph of one inner step instead of all
+    of them, for about two more forward-backward passes per step; the meta-gradient is the same
+    (``tests/test_fast_paths.py``).
     """
     keys, params = flatten_fast(fast)
     slow = {i for i, key in enumerate(keys) if key in model.fast_init.meta_only}
-    moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params] if optimizer == "adam" else None
-    losses = []
-    for step in range(1, steps + 1):
+    moments = [t for p in params for t in (torch.zeros_like(p), torch.zeros_like(p))] if optimizer == "adam" else []
+    n = len(params)
+
+    def update(step: int, keep: bool, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """One inner step: (params..., moments...) -> (loss, params..., moments...)."""
+        params, moments = list(state[:n]), list(state[n:])
         loss = model.task_losses(support, unflatten_fast(keys, params), arch)
-        keep = keep_first and step == 1
-        losses.append(loss if keep else loss.detach())
         adapted = [p for i, p in enumerate(params) if i not in slow]
         grad_iter = iter(torch.autograd.grad(loss.sum(), adapted, create_graph=create_graph, allow_unused=True,
                                              retain_graph=create_graph or keep))
         grads = [torch.zeros_like(p) if i in slow else next(grad_iter) for i, p in enumerate(params)]
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
-        if moments is None:
-            params = [p - lr * g for p, g in zip(params, grads, strict=True)]
+        if not moments:
+            return loss, *(p - lr * g for p, g in zip(params, grads, strict=True))
+        b1, b2 = ADAM_BETAS
+        new_params, new_moments = [], []
+        for p, g, m, v in zip(params, grads, moments[0::2], moments[1::2], strict=True):
+            m = b1 * m + (1 - b1) * g
+            v = b2 * v + (1 - b2) * g * g
+            m_hat, v_hat = m / (1 - b1**step), v / (1 - b2**step)
+            # sqrt(v + eps²) instead of sqrt(v) + eps: smooth at v = 0 for second-order gradients
+            new_params.append(p - lr * m_hat / torch.sqrt(v_hat + ADAM_EPS**2))
+            new_moments += [m, v]
+        return loss, *new_params, *new_moments
+
+    losses = []
+    for step in range(1, steps + 1):
+        keep = keep_first and step == 1
+        if checkpoint_steps and create_graph:
+            out = checkpoint(update, step, keep, *params, *moments, use_reentrant=False)
         else:
-            b1, b2 = ADAM_BETAS
-            new_params, new_moments = [], []
-            for p, g, (m, v) in zip(params, grads, moments, strict=True):
-                m = b1 * m + (1 - b1) * g
-                v = b2 * v + (1 - b2) * g * g
-                m_hat, v_hat = m / (1 - b1**step), v / (1 - b2**step)
-                # sqrt(v + eps²) instead of sqrt(v) + eps: smooth at v = 0 for second-order gradients
-                new_params.append(p - lr * m_hat / torch.sqrt(v_hat + ADAM_EPS**2))
-                new_moments.append((m, v))
-            params, moments = new_params, new_moments
+            out = update(step, keep, *params, *moments)
+        loss, params, moments = out[0], list(out[1:n + 1]), list(out[n + 1:])
+        losses.append(loss if keep else loss.detach())
         if on_step is not None:
             on_step(unflatten_fast(keys, params))
     return unflatten_fast(keys, params), losses
@@ -105,7 +124,8 @@ def adapt_then_query(model, support: TaskBatch, query: TaskBatch, step: int, inn
     constant = not create_graph and support_weight == 0 and arch is not None
     inner_arch = arch.detach() if constant else arch
     fast, support_losses = inner_loop(model, support, fast, inner_arch, inner.steps, inner.lr, inner.optimizer,
-                                      create_graph=create_graph, keep_first=support_weight > 0)
+                                      create_graph=create_graph, keep_first=support_weight > 0,
+                                      checkpoint_steps=inner.checkpoint)
     query_losses = model.task_losses(query, fast, arch)
     metrics = {"support_loss_before": float(support_losses[0].detach().mean()),
                "query_loss": float(query_losses.detach().mean()), "tau": t}

@@ -57,7 +57,8 @@ def _memory_main(payload: dict) -> dict:
     configure_process(payload["threads"])  # as the worker loop
     model = ModelPlan(**payload["model"])
     base = load_base_model(meta_config(model, payload["algorithm"], 1).model)
-    setup = Setup(model, payload["algorithm"], payload["inner_steps"], base)
+    setup = Setup(model, payload["algorithm"], payload["inner_steps"], base,
+                  inner_checkpointing=payload.get("inner_checkpointing", False))
     size = payload.get("meta_batch") or model.meta_batch
     setup = setup.subset(size) if size != setup.meta_batch else setup
     del base
@@ -169,20 +170,21 @@ def memory_sweep(plan: Plan, progress: Progress) -> list[dict]:
     from concurrent.futures import ThreadPoolExecutor
 
     model = next((m for m in plan.models if m.label == plan.memory_model), plan.models[0])
-    jobs = [(order, algorithm, k) for order, algorithm in MEMORY_ORDERS
+    jobs = [(order, algorithm, checkpointed, k) for order, algorithm, checkpointed in MEMORY_ORDERS
             for k in plan.memory_inner_steps]
     progress.say(f"memory {model.label}: {len(jobs)} probes, {plan.memory_parallel} at a time")
 
     def one(job):
-        order, algorithm, k = job
+        order, algorithm, checkpointed, k = job
         size = plan.memory_meta_batch or model.meta_batch
-        unit = f"memory {model.label} {algorithm} inner steps {k} T={size}"
+        unit = f"memory {model.label} {order} ({algorithm}) inner steps {k} T={size}"
         progress.start(unit)
         info = _probe("memory", {"model": dataclasses.asdict(model), "algorithm": algorithm, "inner_steps": k,
-                                 "threads": 1, "meta_batch": size}, timeout=900)
+                                 "threads": 1, "meta_batch": size, "inner_checkpointing": checkpointed},
+                      timeout=900)
         progress.done(unit, f"FAILED: {info['error']}" if info.get("error") else "")
-        return {"model": model.label, "order": order, "algorithm": algorithm, "inner_steps": k, "meta_batch": size,
-                **info}
+        return {"model": model.label, "order": order, "algorithm": algorithm, "inner_checkpointing": checkpointed,
+                "inner_steps": k, "meta_batch": size, **info}
 
     with ThreadPoolExecutor(max_workers=plan.memory_parallel) as pool:
         return list(pool.map(one, jobs))

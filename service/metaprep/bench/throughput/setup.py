@@ -77,9 +77,10 @@ def variant(cfg: MetaTrainConfig, precision: str, meta_batch: int) -> MetaTrainC
 class Setup:
     """A :class:`~metaprep.meta.build.MetaLearner` (fresh copy of the base), its engine and one fixed meta-batch."""
 
-    def __init__(self, model: ModelPlan, algorithm: str, inner_steps: int, base: LoadedModel) -> None:
+    def __init__(self, model: ModelPlan, algorithm: str, inner_steps: int, base: LoadedModel,
+                 inner_checkpointing: bool = False) -> None:
         ensure_process_group()  # DeepSpeed needs a process group, of one here
-        self.cfg = meta_config(model, algorithm, inner_steps)
+        self.cfg = meta_config(model, algorithm, inner_steps, inner_checkpointing=inner_checkpointing)
         lm = copy.deepcopy(base.model)
         self.model, _ = build_meta_model(self.cfg, LoadedModel(lm, base.tokenizer, base.kind, base.source))
         self.base = base

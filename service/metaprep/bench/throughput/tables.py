@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from metaprep.bench.report import result
-from metaprep.bench.throughput.plan import META_BATCH, batch_of
+from metaprep.bench.throughput.plan import MEMORY_ORDERS, META_BATCH, batch_of
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -49,6 +49,10 @@ def result_rows(configs: list[dict], framework: dict | None, memory: list[dict],
             rows.append(result(m["order"], "peak_rss_mb", [m["peak_rss_mb"]], **setting))
             rows.append(result(m["order"], "step_growth_mb", [m["step_growth_mb"]], **setting))
     return rows
+
+
+MEMORY_HEADERS = {"first_order": "first order (fomaml)", "second_order": "second order (maml)",
+                  "second_order_checkpointed": "second order, meta.inner_checkpointing (maml)"}
 
 
 def summary_table(report: dict) -> str:
@@ -95,20 +99,21 @@ def summary_table(report: dict) -> str:
                          + (f" error: {e['error']}" if e.get("error") else ""))
     if report["memory"]:
         model, size = report["memory"][0]["model"], report["memory"][0].get("meta_batch")
+        orders = [o for o, _, _ in MEMORY_ORDERS if any(m["order"] == o for m in report["memory"])]  # as run
         load_peak = max((m.get("peak_rss_mb", 0.0) for m in report["memory"]), default=0.0)
         lines += ["", f"Peak RSS during one batched meta-step, MB ({model}, meta-batch {size}, in a fresh process; "
                       f"in brackets the growth during the step; the process peak, model loading included, was "
                       f"{load_peak:.0f} MB):", "",
-                  "| inner steps | first order (fomaml) | second order (maml) |",
-                  "|---|---|---|"]
+                  "| inner steps | " + " | ".join(MEMORY_HEADERS[o] for o in orders) + " |",
+                  "|---" * (len(orders) + 1) + "|"]
         for k in sorted({m["inner_steps"] for m in report["memory"]}):
             cells = []
-            for order in ("first_order", "second_order"):
+            for order in orders:
                 m = next((x for x in report["memory"] if x["inner_steps"] == k and x["order"] == order), {})
                 cells.append(f"{fmt(m.get('step_peak_rss_mb', m.get('peak_rss_mb')), '.0f')} "
                              f"(+{fmt(m.get('step_growth_mb'), '.0f')})"
                              if "peak_rss_mb" in m else f"error: {m.get('error', '–')}")
-            lines.append(f"| {k} | {cells[0]} | {cells[1]} |")
+            lines.append(f"| {k} | {' | '.join(cells)} |")
     peak, load = report["peak"], report["load_avg"]
     machine = report["machine"]
     bf16 = ", ".join(machine["bf16_instructions"]) or "none"

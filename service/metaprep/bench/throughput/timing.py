@@ -54,7 +54,8 @@ def profile_step(step) -> dict:
         return sum(e.self_cpu_time_total for e in events if any(k in e.key for k in keys)) / total
 
     top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:8]
-    return {"wall_s": wall, "ops_s": total / 1e6, "matmul_share": mm_time / total,
+    return {"wall_s": wall, "ops_s": total / 1e6, "op_calls": sum(e.count for e in events),
+            "matmul_share": mm_time / total,
             "matmul_gflops": mm_flops / max(mm_time, 1e-9) / 1e3,
             "attention_share": share(("scaled_dot_product", "attention", "softmax")),
             "copy_cast_share": share(("aten::copy_", "aten::_to_copy")),
