@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "adapt_transfer)")
     p.add_argument("--train-meta", default=None, help="training meta-dataset (config_transfer)")
     p.add_argument("--test-meta", default=None, help="test meta-dataset (config_transfer)")
+    p.add_argument("--device", default=None, choices=("cpu", "cuda"),
+                   help="throughput: cpu (default; the issue's targets) or cuda (the recipe's `gpu` section: one GPU, "
+                        "DeepSpeed ZeRO-2, utilisation against the GPU's measured matmul peak)")
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow even if a URI is set")
     return p
 
@@ -63,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"--seeds must be >= 1, got {args.seeds}")
     if args.meta_steps is not None and args.meta_steps < 1:
         raise ConfigError(f"--meta-steps must be >= 1, got {args.meta_steps}")
+    if args.device is not None and args.suite != "throughput":
+        raise ConfigError(f"--device: only --suite throughput takes it, got --suite {args.suite}")
     if args.overrides:
         from metaprep.bench.protocol import SUITE_RECIPES
 

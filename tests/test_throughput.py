@@ -76,7 +76,8 @@ def test_quick_suite_writes_positive_finite_numbers(tmp_path: Path) -> None:
     for row in report["results"]:
         assert {"method", "metric", "mean", "ci95", "n", "setting"} <= set(row)
         assert math.isfinite(row["mean"]) and row["n"] >= 1
-        if row["metric"] in ("tasks_per_s", "tokens_per_s", "mfu", "matmul_peak_gflops", "peak_rss_mb"):
+        if row["metric"] in ("tasks_per_s", "tokens_per_s", "mfu", "matmul_peak_gflops", "step_peak_rss_mb",
+                             "process_peak_rss_mb"):
             assert row["mean"] > 0, row
     assert "| model | algorithm (T) |" in report["table_md"] and "| batched ÷ torch_func |" in report["table_md"]
     assert {r["method"] for r in report["results"] if r["metric"] == "tasks_per_s"} >= {"higher", "torch_func"}
@@ -156,3 +157,30 @@ def test_the_recipe_gives_the_former_plans(tmp_path: Path) -> None:
                    "steps: 1, budget_s: 1.0}]\n")
     with pytest.raises(ConfigError, match=r"t\.yaml:2: unknown key 'full.framwork'"):
         make_plan(args, bad)
+
+
+def test_the_gpu_plan_and_its_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--device cuda reads the recipe's `gpu` section (ZeRO-2, --model-path for every model) and the configs it
+    times put the learner on the GPU; on a machine without CUDA it is refused in one line."""
+    import argparse
+
+    import torch
+
+    from metaprep.bench.throughput.plan import make_plan, meta_config
+    from metaprep.errors import ConfigError
+
+    args = argparse.Namespace(quick=False, model_path="/m/SmolLM2-135M", device="cuda")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"--device cuda: torch sees no CUDA device"):
+            make_plan(args)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    plan = make_plan(args)
+    assert (plan.device, plan.zero_stage, plan.framework, plan.profile, plan.memory_inner_steps) == \
+        ("cuda", 2, False, False, ())
+    assert [m.path for m in plan.models] == ["/m/SmolLM2-135M"] * 3
+    assert [m.meta_batch for m in plan.models] == [4, 32, 128] and all(m.seq_len == 64 for m in plan.models)
+    cfg = meta_config(plan.models[0], "maml", 2, device="cuda", zero_stage=plan.zero_stage)
+    assert cfg.distributed.use_gpu and cfg.distributed.zero_stage == 2
+    assert not meta_config(plan.models[0], "maml", 2).distributed.use_gpu  # the CPU default
+    with pytest.raises(ConfigError, match=r"--device 'tpu' is not valid; choose one of cpu, cuda"):
+        make_plan(argparse.Namespace(quick=False, model_path=None, device="tpu"))

@@ -24,14 +24,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def ensure_process_group() -> None:
-    """A single-process gloo group, which DeepSpeed needs even with one worker."""
+def ensure_process_group(device: str = "cpu") -> None:
+    """A single-process group, which DeepSpeed needs even with one worker: gloo on CPU, nccl on ``cuda``."""
     if dist.is_initialized():
         return
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("DS_ACCELERATOR", device)
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
         os.environ.setdefault(key, value)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}",
+                            rank=0, world_size=1)
 
 
 def meta_train_local(cfg: MetaTrainConfig, tracking: dict | None = None, export: bool = False,
@@ -40,7 +41,7 @@ def meta_train_local(cfg: MetaTrainConfig, tracking: dict | None = None, export:
 
     ``split`` replaces the tasks ``cfg.tasks`` would load (a benchmark fold).
     """
-    ensure_process_group()
+    ensure_process_group("cuda" if cfg.distributed.use_gpu else "cpu")
     scratch = Path(tempfile.mkdtemp(prefix="metaprep-local-"))
     env = WorkerEnv(0, 1, on_report or (lambda metrics, path: None), None, scratch)
     return run_worker(cfg, env, tracking, export=export, split=split)

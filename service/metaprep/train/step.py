@@ -124,8 +124,7 @@ def meta_step(engine, cfg: MetaTrainConfig, support: TaskBatch, query: TaskBatch
     hold = cfg.distributed.zero_stage == 3 and cfg.second_order
     skipped = engine.skipped_steps
     with hold_gathered(learner, enabled=hold):
-        with autocast(cfg):
-            losses, metrics = engine(support, query, step)
+        losses, metrics = engine(support, query, step, autocast_dtype(cfg))  # autocast inside (MetaLearner)
         engine.backward(losses.float().sum() * (world / cfg.meta.meta_batch_size))
     engine.step()
     return losses, metrics, engine.skipped_steps > skipped

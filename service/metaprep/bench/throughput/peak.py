@@ -58,6 +58,38 @@ def matmul_peak(quick: bool) -> dict:
     return out
 
 
+def cuda_mm_gflops(dtype: torch.dtype, n: int, reps: int) -> float:
+    """``torch.mm`` GFLOP/s of n x n operands on the current CUDA device (CUDA events, after 3 warm-up calls)."""
+    a, b = torch.randn(n, n, device="cuda", dtype=dtype), torch.randn(n, n, device="cuda", dtype=dtype)
+    for _ in range(3):
+        torch.mm(a, b)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(reps):
+        torch.mm(a, b)
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * n**3 * reps / (start.elapsed_time(end) / 1e3) / 1e9
+
+
+def cuda_matmul_peak(quick: bool) -> dict:
+    """Best ``torch.mm`` GFLOP/s on the GPU over square sizes, fp32 (TF32 as torch's setting, off by default:
+    what the fp32 meta-step runs) and bf16."""
+    sizes, reps = ((2048, 4096), 5) if quick else ((4096, 8192), 10)
+    out: dict = {"tf32": torch.backends.cuda.matmul.allow_tf32}
+    for dtype, torch_dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        table = {str(n): cuda_mm_gflops(torch_dtype, n, reps) for n in sizes}
+        out[f"{dtype}_gflops"], out[f"{dtype}_by_size"] = max(table.values()), table
+    return out
+
+
+def gpu_info() -> dict:
+    props = torch.cuda.get_device_properties(0)
+    return {"gpu": torch.cuda.get_device_name(0), "gpu_memory_gb": round(props.total_memory / 2**30, 1),
+            "multiprocessors": props.multi_processor_count, "cuda": torch.version.cuda}
+
+
 def machine_info(threads: int) -> dict:
     lines: list[str] = []
     with contextlib.suppress(OSError):

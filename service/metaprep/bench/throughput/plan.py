@@ -81,6 +81,8 @@ class Plan:
     framework: bool = True
     framework_steps: int = 8
     profile: bool = True
+    device: str = "cpu"  # --device: cpu (the issue's targets) or cuda (the `gpu` section: one GPU, no targets)
+    zero_stage: int = 1  # distributed.zero_stage of every timed configuration
 
 
 def default_small_model() -> str:
@@ -97,26 +99,45 @@ RECIPE = Path(__file__).resolve().parents[4] / "jobs" / "configs" / "bench" / "t
 SMALL = "small"  # the recipe's label of the model that --model-path chooses
 
 
+DEVICES = ("cpu", "cuda")
+FROM_ARGS = ("quick", "threads", "device")  # Plan fields the command line sets, never the recipe
+
+
 def make_plan(args: argparse.Namespace, recipe: Path = RECIPE) -> Plan:
-    """The ``full`` (or, with ``--quick``, ``quick``) section of the suite's recipe."""
+    """The ``full`` (``--quick``: ``quick``; ``--device cuda``: ``gpu``) section of the suite's recipe.
+
+    In the ``gpu`` section ``--model-path`` replaces the path of every model (for instance a transformers
+    folder of the same architecture where the package cannot be installed)."""
     quick = bool(getattr(args, "quick", False))
+    device = getattr(args, "device", None) or "cpu"
+    if device not in DEVICES:
+        raise ConfigError(f"--device {device!r} is not valid; choose one of {', '.join(DEVICES)}")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda: torch sees no CUDA device on this machine (torch "
+                              f"{torch.__version__}); run the suite there, or without --device")
     threads = int(os.environ.get("METAPREP_BENCH_THREADS") or 1)
     small_path = getattr(args, "model_path", None) or default_small_model()
     small_label = "stories260K" if "stories260K" in small_path else Path(small_path).name or small_path
     data, lines = load_yaml(recipe)
-    section = "quick" if quick else "full"
+    section = "gpu" if device == "cuda" else "quick" if quick else "full"
+    every_path = getattr(args, "model_path", None) if section == "gpu" else None
     values = dict(data.get(section) or {})
     where = lambda key: f"{recipe}:{lines.get(f'{section}.{key}', lines.get(section, 1))}"  # noqa: E731
     fields = {f.name: f for f in dataclasses.fields(Plan)}
     for key in values:
-        if key not in fields or key in ("quick", "threads"):
+        if key not in fields or key in FROM_ARGS:
             raise ConfigError(f"{where(key)}: unknown key '{section}.{key}'; valid: "
-                              f"{', '.join(k for k in fields if k not in ('quick', 'threads'))}")
+                              f"{', '.join(k for k in fields if k not in FROM_ARGS)}")
     models = []
     for i, entry in enumerate(values.pop("models", None) or []):
+        default_path = small_path if entry.get("label") == SMALL else None
         try:
             model = ModelPlan(**{k: tuple(v) if isinstance(v, list) else v for k, v in
-                                 {"path": small_path if entry.get("label") == SMALL else None, **entry}.items()})
+                                 {"path": default_path, **entry, **({"path": every_path} if every_path else {})}
+                                 .items()})
         except TypeError as exc:
             raise ConfigError(f"{where('models')}: models[{i}]: {exc}") from None
         models.append(dataclasses.replace(model, label=small_label) if model.label == SMALL else model)
@@ -124,7 +145,8 @@ def make_plan(args: argparse.Namespace, recipe: Path = RECIPE) -> Plan:
         raise ConfigError(f"{where('models')}: '{section}.models' must list at least one model")
     if values.get("memory_model") == SMALL:
         values["memory_model"] = small_label
-    plan = Plan(quick, threads, models, **{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    plan = Plan(quick, threads, models, device=device,
+                **{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
     unknown = [a for a in (*plan.algorithms, *(a for m in models for a in (*m.baselines, *m.bf16)))
                if a not in REGISTERED]
     if unknown:
@@ -138,17 +160,21 @@ def reparam_kind(algorithm: str) -> str:
 
 
 def meta_config(model: ModelPlan, algorithm: str, inner_steps: int, precision: str = "fp32",
-                threads: int = 1, inner_checkpointing: bool = False) -> MetaTrainConfig:
-    """The benchmark's MetaTrainConfig: synthetic tasks, meta-batch 8, ZeRO-1, no checkpoints."""
+                threads: int = 1, inner_checkpointing: bool = False, device: str = "cpu",
+                zero_stage: int = 1) -> MetaTrainConfig:
+    """The benchmark's MetaTrainConfig: synthetic tasks, the plan's meta-batch, ZeRO-1 (the plan's stage), no
+    checkpoints; ``device`` cuda sets ``distributed.use_gpu``."""
+    size = max(model.meta_batch, model.bf16_meta_batch, *model.meta_batches.values())
     return load_config(MetaTrainConfig, None, [
         f"model.path={model.path}", f"algorithm={algorithm}", f"reparam.kind={reparam_kind(algorithm)}",
-        "reparam.rank=4", "tasks.family=synthetic", "tasks.num_tasks=48", f"tasks.shots={model.shots}",
-        f"tasks.query_size={model.query_size}", f"tasks.seq_len={model.seq_len}",
+        "reparam.rank=4", "tasks.family=synthetic", f"tasks.num_tasks={max(48, size + 8)}",
+        f"tasks.shots={model.shots}", f"tasks.query_size={model.query_size}", f"tasks.seq_len={model.seq_len}",
         f"tasks.synthetic_letters={model.letters}",
-        f"meta.meta_batch_size={max(model.meta_batch, model.bf16_meta_batch, *model.meta_batches.values())}",
+        f"meta.meta_batch_size={size}",
         f"meta.inner_steps={inner_steps}", "meta.inner_lr=0.1",
         "meta.eval_tasks=1", "meta.eval_every=1000000", f"distributed.precision={precision}",
-        "distributed.zero_stage=1", f"distributed.cpus_per_worker={threads}", f"distributed.torch_threads={threads}",
+        f"distributed.zero_stage={zero_stage}", f"distributed.use_gpu={str(device == 'cuda').lower()}",
+        f"distributed.cpus_per_worker={threads}", f"distributed.torch_threads={threads}",
         "checkpoint.every=0", "checkpoint.select=last", "registry.register=false",
         f"distributed.activation_checkpointing={str(model.activation_checkpointing).lower()}",
         f"meta.inner_checkpointing={str(inner_checkpointing).lower()}",

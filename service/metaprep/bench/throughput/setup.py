@@ -40,7 +40,7 @@ from metaprep.models.base import LoadedModel
 from metaprep.tasks.families import batch_encoder_for
 from metaprep.train.local import ensure_process_group
 from metaprep.train.loop import load_split
-from metaprep.train.step import MetaBatches, autocast, make_engine, meta_step
+from metaprep.train.step import MetaBatches, autocast, autocast_dtype, make_engine, meta_step
 
 BASELINES = ("higher", "torch_func")  # methods on their own PlainMetaModel, checked against batched when prepared
 # A baseline's outputs equal the production step's when every gradient (and the losses) is within this
@@ -78,9 +78,10 @@ class Setup:
     """A :class:`~metaprep.meta.build.MetaLearner` (fresh copy of the base), its engine and one fixed meta-batch."""
 
     def __init__(self, model: ModelPlan, algorithm: str, inner_steps: int, base: LoadedModel,
-                 inner_checkpointing: bool = False) -> None:
-        ensure_process_group()  # DeepSpeed needs a process group, of one here
-        self.cfg = meta_config(model, algorithm, inner_steps, inner_checkpointing=inner_checkpointing)
+                 inner_checkpointing: bool = False, device: str = "cpu", zero_stage: int = 1) -> None:
+        ensure_process_group(device)  # DeepSpeed needs a process group, of one here
+        self.cfg = meta_config(model, algorithm, inner_steps, inner_checkpointing=inner_checkpointing,
+                               device=device, zero_stage=zero_stage)
         lm = copy.deepcopy(base.model)
         self.model, _ = build_meta_model(self.cfg, LoadedModel(lm, base.tokenizer, base.kind, base.source))
         self.base = base
@@ -89,7 +90,8 @@ class Setup:
         self.engine = make_engine(self.cfg, self.learner)
         batches = MetaBatches(self.cfg, split.train, batch_encoder_for(self.cfg),
                                base.tokenizer)
-        self.support, self.query = batches(0)  # meta-batch 0 of the run, as the worker loop draws it
+        # meta-batch 0 of the run, as the worker loop draws it, on the engine's device
+        self.support, self.query = batches(0, self.engine.device)
         self.second_order = self.cfg.second_order
         self._use(self.support.num_tasks)
         self._baselines: dict[str, Baseline] = {}
@@ -175,8 +177,7 @@ class Setup:
         """:func:`~metaprep.train.step.meta_step` without its optimizer step (ZeRO-1: no gathering to hold)."""
         cfg = self.cfgs[precision]
         self._attention(precision)
-        with autocast(cfg):
-            losses, _ = self.engine(self.support, self.query, 0)
+        losses, _ = self.engine(self.support, self.query, 0, autocast_dtype(cfg))
         self.engine.backward(losses.float().sum() / cfg.meta.meta_batch_size)
         return losses
 
@@ -185,8 +186,7 @@ class Setup:
         self._attention(precision)
         losses = []
         for i in range(self.support.num_tasks):
-            with autocast(cfg):
-                loss, _ = self.engine(self.support.select([i]), self.query.select([i]), 0)
+            loss, _ = self.engine(self.support.select([i]), self.query.select([i]), 0, autocast_dtype(cfg))
             losses.append(loss.float())
         losses = torch.cat(losses)
         self.engine.backward(losses.sum() / cfg.meta.meta_batch_size)

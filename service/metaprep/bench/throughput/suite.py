@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from metaprep.bench.throughput.peak import linear_gflops, machine_info, matmul_peak
+from metaprep.bench.throughput.peak import cuda_matmul_peak, gpu_info, linear_gflops, machine_info, matmul_peak
 from metaprep.bench.throughput.plan import (
     MEMORY_ORDERS,
     PEERS_NOT_RUN,
@@ -27,7 +27,7 @@ from metaprep.bench.throughput.probes import FRAMEWORK_LAUNCHES, framework_overh
 from metaprep.bench.throughput.setup import Setup
 from metaprep.bench.throughput.tables import find, result_rows, summary_table
 from metaprep.bench.throughput.targets import evaluate_targets, explain, profile_for_targets
-from metaprep.bench.throughput.timing import measure
+from metaprep.bench.throughput.timing import measure, profile_gpu_step
 from metaprep.jsonio import write_json
 from metaprep.models.base import LoadedModel, load_base_model
 from metaprep.progress import Progress, duration
@@ -50,10 +50,15 @@ def _run(plan: Plan, args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     load_before = os.getloadavg()
     machine = machine_info(plan.threads)
+    cuda = plan.device == "cuda"
+    peak_of = cuda_matmul_peak if cuda else matmul_peak
+    if cuda:
+        machine.update(gpu_info())
+        log(f"device=cuda ({machine['gpu']}), ZeRO-{plan.zero_stage}")
     log(f"threads={plan.threads} load={load_before}")
-    peaks = [matmul_peak(plan.quick)]
+    peaks = [peak_of(plan.quick)]
     cores = os.cpu_count() or 1
-    if not plan.quick and cores != plan.threads:  # for reference: the whole machine
+    if not cuda and not plan.quick and cores != plan.threads:  # for reference: the whole machine
         torch.set_num_threads(cores)
         machine["peak_all_cores"] = {"threads": cores, **matmul_peak(plan.quick)}
         torch.set_num_threads(plan.threads)
@@ -73,6 +78,9 @@ def _run(plan: Plan, args: argparse.Namespace) -> dict:
         del base
         gc.collect()
         release_freed_memory()  # the memory probes run next to this process
+        if cuda:
+            torch.cuda.empty_cache()
+            continue
         machine.setdefault("linear_gflops", {})[model.label] = {
             "shape": shape, "fp32": linear_gflops(*shape, bf16=False, min_time=0.5),
             "bf16_autocast": linear_gflops(*shape, bf16=True, min_time=0.5)}
@@ -85,9 +93,9 @@ def _run(plan: Plan, args: argparse.Namespace) -> dict:
     elif plan.framework:
         progress.drop(len(FRAMEWORK_LAUNCHES), f"framework runs: no in-process batched fomaml step of {first.label}")
 
-    memory = memory_sweep(plan, progress)
+    memory = memory_sweep(plan, progress) if plan.memory_inner_steps else []
     progress.finish()
-    peaks.append(matmul_peak(plan.quick))
+    peaks.append(peak_of(plan.quick))
     peak = {"fp32_gflops": max(p["fp32_gflops"] for p in peaks), "bf16_gflops": max(p["bf16_gflops"] for p in peaks),
             "measurements": peaks}
     for c in configs:
@@ -104,7 +112,8 @@ def _run(plan: Plan, args: argparse.Namespace) -> dict:
         "framework": framework or {"skipped": "--quick" if plan.quick else "no in-process batched step"},
         "memory": memory, "profiles": {}, "peers_not_run": dict(PEERS_NOT_RUN),
     }
-    report["targets"] = evaluate_targets(report)
+    # the issue's targets are this CPU's; on a GPU the report is the utilisation against its own peak
+    report["targets"] = {} if cuda else evaluate_targets(report)
     out = getattr(args, "out", None)
     if plan.profile:
         if out:  # the measurements are on disk before the profiler runs (it can exhaust memory on a large model)
@@ -159,7 +168,7 @@ def _progress(plan: Plan) -> Progress:
 def _measure_algorithm(plan: Plan, model: ModelPlan, algorithm: str, base: LoadedModel, configs: list[dict],
                        progress: Progress) -> None:
     """Time every method and precision the plan asks of one algorithm on one model; append to ``configs``."""
-    setup = Setup(model, algorithm, plan.inner_steps, base)
+    setup = Setup(model, algorithm, plan.inner_steps, base, device=plan.device, zero_stage=plan.zero_stage)
     size = batch_of(model, algorithm)
     main = setup.subset(size) if setup.meta_batch != size else setup
     subsets = {size: main}
@@ -170,7 +179,7 @@ def _measure_algorithm(plan: Plan, model: ModelPlan, algorithm: str, base: Loade
         jobs.append((subsets[meta_batch], method, precision))
     for job, method, precision in jobs:
         first = find(configs, model.label, algorithm, "batched", "fp32", size)
-        skipped = precision == "bf16" and emulated_bf16_too_slow(first)
+        skipped = precision == "bf16" and plan.device == "cpu" and emulated_bf16_too_slow(first)
         unit = f"{model.label} {algorithm} {method} {precision} T={job.meta_batch}"
         progress.start(unit)
         if skipped:
@@ -179,6 +188,8 @@ def _measure_algorithm(plan: Plan, model: ModelPlan, algorithm: str, base: Loade
                             "meta_batch": job.meta_batch, "skipped": skipped})
             continue
         step = lambda m=method, p=precision, s=job: getattr(s, m)(p)
+        if plan.device == "cuda":  # a step is timed to its last kernel
+            step = lambda inner=step: (inner(), torch.cuda.synchronize())
         warm = first is None or first.get("median_s", 0.0) <= model.long_step_s
         same = find(configs, model.label, algorithm, method, "fp32", job.meta_batch)
         try:
@@ -193,6 +204,13 @@ def _measure_algorithm(plan: Plan, model: ModelPlan, algorithm: str, base: Loade
                             "precision": precision, "meta_batch": job.meta_batch,
                             "error": f"{exc.__class__.__name__}: {exc}"})
             continue
+        # what bounds a GPU step (busy share, launches): one profile per model, since torch.profiler's CPU
+        # records of a step took 10-60 s each on an H200 host (the first GPU run of every config overran)
+        if plan.device == "cuda" and (algorithm, method, precision) == ("fomaml", "batched", "bf16"):
+            try:
+                timing["gpu_profile"] = profile_gpu_step(step)
+            except Exception as exc:  # noqa: BLE001 - the timing stands without its profile
+                timing["gpu_profile_error"] = f"{exc.__class__.__name__}: {exc}"
         progress.done(unit, f"median step {duration(timing['median_s'])}" if timing.get("median_s") else "")
         configs.append({"model": model.label, "algorithm": algorithm, "method": method,
                         "precision": precision, "meta_batch": job.meta_batch, "tokens": job.tokens,

@@ -46,8 +46,10 @@ def result_rows(configs: list[dict], framework: dict | None, memory: list[dict],
     for m in memory:
         if "peak_rss_mb" in m:
             setting = {"model": m["model"], "inner_steps": m["inner_steps"]}
-            rows.append(result(m["order"], "peak_rss_mb", [m["peak_rss_mb"]], **setting))
+            # the step's own peak (what the orders differ in); the process peak includes loading the model
+            rows.append(result(m["order"], "step_peak_rss_mb", [m["step_peak_rss_mb"]], **setting))
             rows.append(result(m["order"], "step_growth_mb", [m["step_growth_mb"]], **setting))
+            rows.append(result(m["order"], "process_peak_rss_mb", [m["peak_rss_mb"]], **setting))
     return rows
 
 
@@ -114,12 +116,30 @@ def summary_table(report: dict) -> str:
                              f"(+{fmt(m.get('step_growth_mb'), '.0f')})"
                              if "peak_rss_mb" in m else f"error: {m.get('error', '–')}")
             lines.append(f"| {k} | {' | '.join(cells)} |")
+    profiled = [c for c in configs if c.get("gpu_profile")]
+    if profiled:
+        lines += ["", "Where a GPU step's time goes (one batched step under torch.profiler, CPU + CUDA):", "",
+                  "| model | algorithm | precision | T | step s (timed) | step s (profiled) | GPU kernel time s | "
+                  "GPU busy | kernel launches |", "|---|---|---|---|---|---|---|---|---|"]
+        for c in profiled:
+            g = c["gpu_profile"]
+            lines.append(f"| {c['model']} | {c['algorithm']} | {c['precision']} | {c['meta_batch']} | "
+                         f"{fmt(c.get('median_s'))} | {fmt(g['wall_s'])} | {fmt(g['gpu_busy_s'])} | "
+                         f"{fmt(g['gpu_busy_share'], '.0%')} | {g['kernel_launches']} |")
     peak, load = report["peak"], report["load_avg"]
     machine = report["machine"]
     bf16 = ", ".join(machine["bf16_instructions"]) or "none"
     lines += ["", f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']} (CPU capability "
                   f"{machine['cpu_capability']}; bf16 instructions: {bf16})."]
-    lines += ["", f"Matmul peak (torch.mm, {report['machine']['threads']} threads): fp32 "
+    where = f"{report['machine']['threads']} threads"
+    if machine.get("gpu"):
+        plan = report["plan"]
+        where = f"on the GPU, TF32 {'on' if peak['measurements'][0].get('tf32') else 'off'}"
+        lines += ["", f"GPU: {machine['gpu']} ({machine['gpu_memory_gb']} GiB, {machine['multiprocessors']} SMs, "
+                      f"CUDA {machine['cuda']}); every step on it: DeepSpeed ZeRO-{plan['zero_stage']}, nccl, "
+                      f"{plan['inner_steps']} inner steps; models: "
+                      + "; ".join(f"{m['label']} from {m['path']}" for m in plan["models"]) + "."]
+    lines += ["", f"Matmul peak (torch.mm, {where}): fp32 "
                   f"{peak['fp32_gflops']:.1f} GFLOP/s, bf16 {peak['bf16_gflops']:.1f} GFLOP/s. "
                   f"Load average before/after: {', '.join(f'{x:.2f}' for x in load['before'])} / "
                   f"{', '.join(f'{x:.2f}' for x in load['after'])}."]

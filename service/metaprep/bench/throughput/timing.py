@@ -61,3 +61,29 @@ def profile_step(step) -> dict:
             "copy_cast_share": share(("aten::copy_", "aten::_to_copy")),
             "top_ops": [{"op": e.key, "self_s": round(e.self_cpu_time_total / 1e6, 4), "calls": e.count}
                         for e in top]}
+
+
+LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
+
+
+def profile_gpu_step(step) -> dict:
+    """Where a GPU step's wall time goes (torch.profiler, CPU and CUDA): the summed kernel time against the
+    step's wall time under the profiler. A busy share far below 1 means the GPU waits for the host, which
+    launches the kernels one Python op at a time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+    wall = time.perf_counter() - t
+    events = prof.key_averages()
+    device_us = lambda e: getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)  # noqa: E731
+    kernels = [e for e in events if device_us(e) > 0]
+    busy = sum(device_us(e) for e in kernels) / 1e6
+    top = sorted(kernels, key=lambda e: -device_us(e))[:5]
+    return {"wall_s": wall, "gpu_busy_s": busy, "gpu_busy_share": busy / wall,
+            "kernel_launches": sum(e.count for e in events if e.key in LAUNCHES),
+            "top_kernels": [{"op": e.key[:80], "device_s": round(device_us(e) / 1e6, 4), "calls": e.count}
+                            for e in top]}
