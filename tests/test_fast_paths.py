@@ -103,7 +103,7 @@ INNER = ("meta.inner_checkpointing=true",)
     ("maml", "lora", LAYERS + INNER, ("meta.inner_steps=3",)),
 ])
 def test_activation_checkpointing_gives_the_same_meta_gradient(algorithm: str, kind: str, switches: tuple,
-                                                               extra: tuple) -> None:
+                                                               extra: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
     """Layer checkpointing (second order: maml, mltd with TAMS; first order) and inner-step checkpointing
     (second order, sgd and Adam-style, with the support term), alone and together: loss and every
     gradient equal to the unchecked path."""
@@ -132,8 +132,14 @@ def test_activation_checkpointing_gives_the_same_meta_gradient(algorithm: str, k
         losses.sum().backward()
         return losses.detach(), {n: p.grad for n, p in learner.named_parameters() if p.grad is not None}
 
+    import metaprep.meta.inner as inner_module
+
     plain_losses, plain = run(False)
+    calls, real = [], inner_module.checkpoint
+    monkeypatch.setattr(inner_module, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
     losses, grads = run(True)
+    steps = 3 if "meta.inner_steps=3" in extra else 2
+    assert len(calls) == (steps if INNER[0] in switches else 0)  # the switch reaches the inner loop
     torch.testing.assert_close(losses, plain_losses, rtol=1e-5, atol=1e-6)
     assert grads.keys() == plain.keys() and len(plain) > 10
     for name, g in plain.items():
@@ -218,3 +224,31 @@ def test_the_learner_enters_the_calls_precision_inside_the_engine() -> None:
         assert seen and set(seen) == {torch.float32} and losses.dtype == torch.float32
     finally:
         handle.remove()
+
+
+def test_meta_step_hands_the_precision_to_the_engine() -> None:
+    """meta_step passes distributed.precision's autocast dtype into the engine call (the learner enters it)."""
+    from metaprep.train.step import meta_step
+
+    class Engine:  # records the call DeepSpeed's engine would forward to the learner
+        skipped_steps = 0
+        module = None
+
+        def __init__(self) -> None:
+            self.calls: list[tuple] = []
+
+        def __call__(self, *args):
+            self.calls.append(args)
+            return torch.ones(2, requires_grad=True), {}
+
+        def backward(self, loss: torch.Tensor) -> None:
+            loss.backward()
+
+        def step(self) -> None:
+            pass
+
+    for precision, dtype in (("bf16", torch.bfloat16), ("fp32", None)):
+        cfg = load_config(MetaTrainConfig, None, [f"distributed.precision={precision}"])
+        engine = Engine()
+        meta_step(engine, cfg, "support", "query", 3)
+        assert engine.calls == [("support", "query", 3, dtype)]

@@ -159,7 +159,7 @@ def test_the_recipe_gives_the_former_plans(tmp_path: Path) -> None:
         make_plan(args, bad)
 
 
-def test_the_gpu_plan_and_its_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_gpu_plan_and_its_errors(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """--device cuda reads the recipe's `gpu` section (ZeRO-2, --model-path for every model) and the configs it
     times put the learner on the GPU; on a machine without CUDA it is refused in one line."""
     import argparse
@@ -184,3 +184,9 @@ def test_the_gpu_plan_and_its_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not meta_config(plan.models[0], "maml", 2).distributed.use_gpu  # the CPU default
     with pytest.raises(ConfigError, match=r"--device 'tpu' is not valid; choose one of cpu, cuda"):
         make_plan(argparse.Namespace(quick=False, model_path=None, device="tpu"))
+    bad = tmp_path / "t.yaml"  # parts of the suite that would measure on CPU processes
+    bad.write_text("gpu:\n  framework: true\n  zero_stage: 3\n  models: [{label: m, shots: 1, query_size: 1, "
+                   "seq_len: 8, steps: 1, budget_s: 1.0}]\n")
+    with pytest.raises(ConfigError, match=r"t\.yaml:4: .*ZeRO-1 or 2 only; set off: framework, memory_inner_steps, "
+                       r"profile, zero_stage 3, models\[\]\.baselines"):
+        make_plan(args, bad)

@@ -63,8 +63,9 @@ def inner_loop(model, support: TaskBatch, fast: FastWeights, arch: torch.Tensor 
     non-reentrant :func:`torch.utils.checkpoint.checkpoint` that keeps only its inputs (the fast weights
     and Adam moments, small next to the activations). The meta-backward recomputes one step's forward and
     differentiable backward at a time, so second order holds the graph of one inner step instead of all
-    of them, for about two more forward-backward passes per step; the meta-gradient is the same
-    (``tests/test_fast_paths.py``).
+    of them, for about two more forward-backward passes per step: part of it already in the forward, where
+    the inner ``autograd.grad`` inside the checkpoint unpacks, and so recomputes, the step's saved tensors;
+    the meta-gradient is the same (``tests/test_fast_paths.py``).
     """
     keys, params = flatten_fast(fast)
     slow = {i for i, key in enumerate(keys) if key in model.fast_init.meta_only}

@@ -28,7 +28,10 @@ def ensure_process_group(device: str = "cpu") -> None:
     """A single-process group, which DeepSpeed needs even with one worker: gloo on CPU, nccl on ``cuda``."""
     if dist.is_initialized():
         return
-    os.environ.setdefault("DS_ACCELERATOR", device)
+    if device == "cuda":
+        os.environ["DS_ACCELERATOR"] = "cuda"
+    else:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
         os.environ.setdefault(key, value)
     dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}",

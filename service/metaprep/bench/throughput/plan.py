@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 from pathlib import Path
 
@@ -147,6 +148,13 @@ def make_plan(args: argparse.Namespace, recipe: Path = RECIPE) -> Plan:
         values["memory_model"] = small_label
     plan = Plan(quick, threads, models, device=device,
                 **{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    if device == "cuda":  # what the GPU run measures on the GPU; the rest of the suite runs on CPU processes
+        cpu_only = {"framework": plan.framework, "memory_inner_steps": bool(plan.memory_inner_steps),
+                    "profile": plan.profile, "zero_stage 3": plan.zero_stage == 3,
+                    "models[].baselines": any(m.baselines for m in models)}
+        if any(cpu_only.values()):
+            raise ConfigError(f"{where('models')}: the '{section}' section times the batched meta-step on the GPU "
+                              f"with ZeRO-1 or 2 only; set off: {', '.join(k for k, on in cpu_only.items() if on)}")
     unknown = [a for a in (*plan.algorithms, *(a for m in models for a in (*m.baselines, *m.bf16)))
                if a not in REGISTERED]
     if unknown:
@@ -165,9 +173,10 @@ def meta_config(model: ModelPlan, algorithm: str, inner_steps: int, precision: s
     """The benchmark's MetaTrainConfig: synthetic tasks, the plan's meta-batch, ZeRO-1 (the plan's stage), no
     checkpoints; ``device`` cuda sets ``distributed.use_gpu``."""
     size = max(model.meta_batch, model.bf16_meta_batch, *model.meta_batches.values())
+    tasks = max(48, math.ceil(size / 0.7) + 2)  # distinct tasks in a meta-batch: 70 % of them train
     return load_config(MetaTrainConfig, None, [
         f"model.path={model.path}", f"algorithm={algorithm}", f"reparam.kind={reparam_kind(algorithm)}",
-        "reparam.rank=4", "tasks.family=synthetic", f"tasks.num_tasks={max(48, size + 8)}",
+        "reparam.rank=4", "tasks.family=synthetic", f"tasks.num_tasks={tasks}",
         f"tasks.shots={model.shots}", f"tasks.query_size={model.query_size}", f"tasks.seq_len={model.seq_len}",
         f"tasks.synthetic_letters={model.letters}",
         f"meta.meta_batch_size={size}",

@@ -174,7 +174,7 @@ class Setup:
 
     # ------------------------------------------------------------------ forward and backward of each method
     def _batched_backward(self, precision: str) -> torch.Tensor:
-        """:func:`~metaprep.train.step.meta_step` without its optimizer step (ZeRO-1: no gathering to hold)."""
+        """:func:`~metaprep.train.step.meta_step` without its optimizer step (ZeRO-1 or 2: no gathering to hold)."""
         cfg = self.cfgs[precision]
         self._attention(precision)
         losses, _ = self.engine(self.support, self.query, 0, autocast_dtype(cfg))

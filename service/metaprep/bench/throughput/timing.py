@@ -71,16 +71,18 @@ def profile_gpu_step(step) -> dict:
     step's wall time under the profiler. A busy share far below 1 means the GPU waits for the host, which
     launches the kernels one Python op at a time."""
     import torch
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
-    t = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        step()
-    wall = time.perf_counter() - t
+        t = time.perf_counter()
+        step()  # ends with a synchronize: the wall time is the step's, without the profiler's trace flush
+        wall = time.perf_counter() - t
     events = prof.key_averages()
     device_us = lambda e: getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)  # noqa: E731
-    kernels = [e for e in events if device_us(e) > 0]
+    # the kernels themselves: a CPU op (aten::mm) also carries its kernels' device time, which would count twice
+    kernels = [e for e in events if e.device_type != DeviceType.CPU and device_us(e) > 0]
     busy = sum(device_us(e) for e in kernels) / 1e6
     top = sorted(kernels, key=lambda e: -device_us(e))[:5]
     return {"wall_s": wall, "gpu_busy_s": busy, "gpu_busy_share": busy / wall,
