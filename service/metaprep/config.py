@@ -169,6 +169,11 @@ class DistributedConfig:
         "included): less memory for about a third more compute; ZeRO stages 1-2", False)
 
     @property
+    def device(self) -> str:
+        """The torch device type of the workers (and DeepSpeed's accelerator): ``cuda`` or ``cpu``."""
+        return "cuda" if self.use_gpu else "cpu"
+
+    @property
     def bf16(self) -> bool:
         """Whether this process runs under bf16 autocast (``auto`` resolved on the machine it runs on)."""
         if self.precision != "auto":

@@ -44,7 +44,7 @@ def meta_train_local(cfg: MetaTrainConfig, tracking: dict | None = None, export:
 
     ``split`` replaces the tasks ``cfg.tasks`` would load (a benchmark fold).
     """
-    ensure_process_group("cuda" if cfg.distributed.use_gpu else "cpu")
+    ensure_process_group(cfg.distributed.device)
     scratch = Path(tempfile.mkdtemp(prefix="metaprep-local-"))
     env = WorkerEnv(0, 1, on_report or (lambda metrics, path: None), None, scratch)
     return run_worker(cfg, env, tracking, export=export, split=split)

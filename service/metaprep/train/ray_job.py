@@ -52,7 +52,7 @@ def build_trainer(cfg: MetaTrainConfig, name: str, storage: Storage | str | Path
     storage = storage if isinstance(storage, Storage) else Storage.of(storage)
     d = cfg.distributed
     storage_path, filesystem = storage.ray_storage
-    env_vars = {**quiet_env(), "DS_ACCELERATOR": "cuda" if d.use_gpu else "cpu",
+    env_vars = {**quiet_env(), "DS_ACCELERATOR": d.device,
                 "OMP_NUM_THREADS": str(d.torch_threads or d.cpus_per_worker)}
     for key in ("METAPREP_DATA_DIR", "METAPREP_CACHE_DIR", "MLFLOW_TRACKING_URI", "METAPREP_FAULT_CHECKPOINT_AT",
                 "METAPREP_FAULT_CRASH_AT"):

@@ -60,7 +60,7 @@ def skip_cpu_shm_build(deepspeed) -> None:
 
 def make_engine(cfg: MetaTrainConfig, learner: MetaLearner):
     """A DeepSpeed engine over ``learner`` with AdamW on its trainable parameters (the outer optimizer)."""
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.distributed.use_gpu else "cpu")
+    os.environ.setdefault("DS_ACCELERATOR", cfg.distributed.device)
     import deepspeed
 
     if not cfg.distributed.use_gpu:
@@ -83,7 +83,7 @@ def autocast_dtype(cfg: MetaTrainConfig) -> torch.dtype | None:
 
 def autocast(cfg: MetaTrainConfig):
     if cfg.distributed.bf16:
-        return torch.autocast("cuda" if cfg.distributed.use_gpu else "cpu", dtype=torch.bfloat16)
+        return torch.autocast(cfg.distributed.device, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 

@@ -8,7 +8,7 @@ import math
 import os
 from pathlib import Path
 
-from metaprep.config import MetaTrainConfig, load_config, load_yaml
+from metaprep.config import MetaTrainConfig, TasksConfig, load_config, load_yaml
 from metaprep.errors import ConfigError
 from metaprep.meta.algorithm import ALGORITHMS as REGISTERED
 from metaprep.meta.algorithm import algorithm_names
@@ -173,7 +173,8 @@ def meta_config(model: ModelPlan, algorithm: str, inner_steps: int, precision: s
     """The benchmark's MetaTrainConfig: synthetic tasks, the plan's meta-batch, ZeRO-1 (the plan's stage), no
     checkpoints; ``device`` cuda sets ``distributed.use_gpu``."""
     size = max(model.meta_batch, model.bf16_meta_batch, *model.meta_batches.values())
-    tasks = max(48, math.ceil(size / 0.7) + 2)  # distinct tasks in a meta-batch: 70 % of them train
+    split = TasksConfig()  # the default split: val_fraction and test_fraction of the tasks are held out
+    tasks = max(48, math.ceil(size / (1 - split.val_fraction - split.test_fraction)) + 2)  # distinct per meta-batch
     return load_config(MetaTrainConfig, None, [
         f"model.path={model.path}", f"algorithm={algorithm}", f"reparam.kind={reparam_kind(algorithm)}",
         "reparam.rank=4", "tasks.family=synthetic", f"tasks.num_tasks={tasks}",

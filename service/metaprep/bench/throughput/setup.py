@@ -79,9 +79,9 @@ class Setup:
 
     def __init__(self, model: ModelPlan, algorithm: str, inner_steps: int, base: LoadedModel,
                  inner_checkpointing: bool = False, device: str = "cpu", zero_stage: int = 1) -> None:
-        ensure_process_group(device)  # DeepSpeed needs a process group, of one here
         self.cfg = meta_config(model, algorithm, inner_steps, inner_checkpointing=inner_checkpointing,
                                device=device, zero_stage=zero_stage)
+        ensure_process_group(self.cfg.distributed.device)  # DeepSpeed needs a process group, of one here
         lm = copy.deepcopy(base.model)
         self.model, _ = build_meta_model(self.cfg, LoadedModel(lm, base.tokenizer, base.kind, base.source))
         self.base = base
