@@ -226,6 +226,39 @@ def test_the_learner_enters_the_calls_precision_inside_the_engine() -> None:
         handle.remove()
 
 
+def test_adaptation_runs_in_the_precision_it_is_given() -> None:
+    """Meta-test adaptation enters the requested precision on its tensors' device (one helper,
+    metaprep.meta.precision): bf16 even inside a disabled autocast, and fp32 when given none, even
+    inside an enclosing bf16 autocast."""
+    from metaprep.meta.adapt import adapt, support_losses
+    from metaprep.meta.build import build_meta_model
+    from metaprep.tasks.base import make_batch, sample_meta_batch, split_tasks
+    from metaprep.tasks.families import load_tasks
+
+    cfg = load_config(MetaTrainConfig, None, [
+        "model.tiny.dim=32", "model.tiny.hidden_dim=64", "model.tiny.layers=2", "model.tiny.heads=2",
+        "tasks.seq_len=16", "algorithm=fomaml", "reparam.kind=lora"])
+    model, loaded = build_meta_model(cfg)
+    split = split_tasks(load_tasks(cfg.tasks), 0.15, 0.15, 1)
+    eps = sample_meta_batch(split.train, 2, 2, 2, seed=0, step=0)
+    support, query = (make_batch(eps, part, loaded.tokenizer, cfg.tasks.seq_len) for part in ("support", "query"))
+    seen: list[torch.dtype] = []
+    mlp = next(m for n, m in model.lm.named_modules() if n.endswith("mlp.down_proj"))
+    handle = mlp.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    try:
+        with torch.autocast("cpu", enabled=False):
+            adapt(model, support, query, 2, 1e-3, autocast_dtype=torch.bfloat16)
+            support_losses(model, support, torch.bfloat16)
+        assert seen and set(seen) == {torch.bfloat16}
+        seen.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            adapt(model, support, query, 2, 1e-3)
+            support_losses(model, support)
+        assert seen and set(seen) == {torch.float32}
+    finally:
+        handle.remove()
+
+
 def test_meta_step_hands_the_precision_to_the_engine() -> None:
     """meta_step passes distributed.precision's autocast dtype into the engine call (the learner enters it)."""
     from metaprep.train.step import meta_step

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from metaprep.meta.inner import detached, inner_loop
+from metaprep.meta.precision import mixed_precision
 from metaprep.reparam.context import FastWeights
 from metaprep.tasks.base import TaskBatch
 
@@ -49,9 +50,10 @@ def adapt(model, support: TaskBatch, query: TaskBatch, steps: int, lr: float, op
     ``on_step(step, per-task query losses)`` is called as each is measured (step 0: before adapting)."""
     was_training = model.training
     model.eval()
+    device_type = support.input_ids.device.type
 
     def query_losses(fast: FastWeights, arch: torch.Tensor | None) -> list[float]:
-        with torch.no_grad(), _autocast(autocast_dtype):
+        with torch.no_grad(), mixed_precision(device_type, autocast_dtype):
             return model.task_losses(query, fast, arch).float().tolist()
 
     with torch.no_grad():
@@ -65,15 +67,11 @@ def adapt(model, support: TaskBatch, query: TaskBatch, steps: int, lr: float, op
             on_step(len(curve) - 1, curve[-1])
 
     measure(fast)
-    with _autocast(autocast_dtype):
+    with mixed_precision(device_type, autocast_dtype):
         fast, _ = inner_loop(model, support, detached(fast), arch, steps, lr, optimizer, create_graph=False,
                              on_step=measure)
     model.train(was_training)
     return AdaptResult(curve, {layer: {k: v.detach() for k, v in fs.items()} for layer, fs in fast.items()}, arch)
-
-
-def _autocast(dtype: torch.dtype | None):
-    return torch.autocast("cpu", dtype=dtype) if dtype is not None else torch.autocast("cpu", enabled=False)
 
 
 def adapt_in_chunks(model, episodes: list, encode: Callable[[list, str], TaskBatch], steps: int, lr: float,
@@ -99,7 +97,7 @@ def support_losses(model, support: TaskBatch, autocast_dtype: torch.dtype | None
     meta-feature of the task that needs none of its query examples)."""
     was_training = model.training
     model.eval()
-    with torch.no_grad(), _autocast(autocast_dtype):
+    with torch.no_grad(), mixed_precision(support.input_ids.device.type, autocast_dtype):
         arch = model.architecture(support, sample=False)
         losses = model.task_losses(support, model.fast_init(support.num_tasks), arch).float().tolist()
     model.train(was_training)

@@ -15,6 +15,7 @@ from metaprep.meta.algorithm import ALGORITHMS, MetaAlgorithm
 from metaprep.meta.checkpointing import checkpoint_decoder_layers
 from metaprep.meta.mc_scorer import MCScorer
 from metaprep.meta.model import MetaModel
+from metaprep.meta.precision import mixed_precision
 from metaprep.models.base import LoadedModel, load_base_model, resolve_path
 from metaprep.tasks.base import TaskBatch
 from metaprep.tasks.families import ENCODER_FAMILIES
@@ -39,9 +40,7 @@ class MetaLearner(nn.Module):
 
     def forward(self, support: TaskBatch, query: TaskBatch, step: int,
                 dtype: torch.dtype | None = None) -> tuple[torch.Tensor, dict]:
-        if dtype is None:
-            return self.algorithm.objective(self.model, support, query, step)
-        with torch.autocast(support.input_ids.device.type, dtype=dtype):
+        with mixed_precision(support.input_ids.device.type, dtype):
             return self.algorithm.objective(self.model, support, query, step)
 
 

@@ -11,7 +11,6 @@ workers, so W workers with meta-batch B compute exactly the meta-gradient of one
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 from collections.abc import Callable
@@ -21,6 +20,7 @@ import torch
 
 from metaprep.config import MetaTrainConfig
 from metaprep.meta.build import MetaLearner, trainable_parameters
+from metaprep.meta.precision import mixed_precision
 from metaprep.tasks.base import Task, TaskBatch, sample_meta_batch
 from metaprep.train.zero3 import hold_gathered
 
@@ -81,10 +81,9 @@ def autocast_dtype(cfg: MetaTrainConfig) -> torch.dtype | None:
     return torch.bfloat16 if cfg.distributed.bf16 else None
 
 
-def autocast(cfg: MetaTrainConfig):
-    if cfg.distributed.bf16:
-        return torch.autocast(cfg.distributed.device, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def autocast(cfg: MetaTrainConfig) -> torch.autocast:
+    """The mixed precision of ``distributed.precision`` on the workers' device, for calls outside the engine."""
+    return mixed_precision(cfg.distributed.device, autocast_dtype(cfg))
 
 
 def noise_seed(seed: int, step: int, slot: int) -> int:
