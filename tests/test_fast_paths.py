@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import pytest
@@ -196,11 +197,9 @@ def test_precision_auto_is_bf16_only_where_it_pays(monkeypatch, native, use_gpu,
     assert not cfg.advisories()  # auto never picks the slow path, so nothing to warn about
 
 
-def test_the_learner_enters_the_calls_precision_inside_the_engine() -> None:
-    """DeepSpeed's engine.forward switches off an autocast entered around it (on CUDA, where it detects one:
-    an H200 run measured "bf16" steps that were fp32), so the learner enters the call's dtype itself: its
-    matmuls run in bf16 even inside a disabled autocast, and without a dtype they stay in fp32."""
-    from metaprep.meta.build import build_learner, build_meta_model
+def _tiny_lora_batches():
+    """A tiny LoRA meta-model and one meta-batch of support and query (2 tasks)."""
+    from metaprep.meta.build import build_meta_model
     from metaprep.tasks.base import make_batch, sample_meta_batch, split_tasks
     from metaprep.tasks.families import load_tasks
 
@@ -208,22 +207,39 @@ def test_the_learner_enters_the_calls_precision_inside_the_engine() -> None:
         "model.tiny.dim=32", "model.tiny.hidden_dim=64", "model.tiny.layers=2", "model.tiny.heads=2",
         "tasks.seq_len=16", "algorithm=fomaml", "reparam.kind=lora", "meta.inner_steps=1"])
     model, loaded = build_meta_model(cfg)
-    learner = build_learner(cfg, model, num_train_tasks=8)
     split = split_tasks(load_tasks(cfg.tasks), 0.15, 0.15, 1)
     eps = sample_meta_batch(split.train, 2, 2, 2, seed=0, step=0)
     support, query = (make_batch(eps, part, loaded.tokenizer, cfg.tasks.seq_len) for part in ("support", "query"))
+    return cfg, model, support, query
+
+
+@contextlib.contextmanager
+def _output_dtypes(model):
+    """Records the output dtype of every forward of one MLP projection of ``model`` (bf16 or fp32 matmuls)."""
     seen: list[torch.dtype] = []
     mlp = next(m for n, m in model.lm.named_modules() if n.endswith("mlp.down_proj"))
     handle = mlp.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
     try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def test_the_learner_enters_the_calls_precision_inside_the_engine() -> None:
+    """DeepSpeed's engine.forward switches off an autocast entered around it (on CUDA, where it detects one:
+    an H200 run measured "bf16" steps that were fp32), so the learner enters the call's dtype itself: its
+    matmuls run in bf16 even inside a disabled autocast, and without a dtype they stay in fp32."""
+    from metaprep.meta.build import build_learner
+
+    cfg, model, support, query = _tiny_lora_batches()
+    learner = build_learner(cfg, model, num_train_tasks=8)
+    with _output_dtypes(model) as seen:
         with torch.autocast("cpu", enabled=False):  # what DeepSpeed's engine does around the module
             learner(support, query, 0, torch.bfloat16)
         assert seen and set(seen) == {torch.bfloat16}
         seen.clear()
         losses, _ = learner(support, query, 0)
         assert seen and set(seen) == {torch.float32} and losses.dtype == torch.float32
-    finally:
-        handle.remove()
 
 
 def test_adaptation_runs_in_the_precision_it_is_given() -> None:
@@ -231,21 +247,9 @@ def test_adaptation_runs_in_the_precision_it_is_given() -> None:
     metaprep.meta.precision): bf16 even inside a disabled autocast, and fp32 when given none, even
     inside an enclosing bf16 autocast."""
     from metaprep.meta.adapt import adapt, support_losses
-    from metaprep.meta.build import build_meta_model
-    from metaprep.tasks.base import make_batch, sample_meta_batch, split_tasks
-    from metaprep.tasks.families import load_tasks
 
-    cfg = load_config(MetaTrainConfig, None, [
-        "model.tiny.dim=32", "model.tiny.hidden_dim=64", "model.tiny.layers=2", "model.tiny.heads=2",
-        "tasks.seq_len=16", "algorithm=fomaml", "reparam.kind=lora"])
-    model, loaded = build_meta_model(cfg)
-    split = split_tasks(load_tasks(cfg.tasks), 0.15, 0.15, 1)
-    eps = sample_meta_batch(split.train, 2, 2, 2, seed=0, step=0)
-    support, query = (make_batch(eps, part, loaded.tokenizer, cfg.tasks.seq_len) for part in ("support", "query"))
-    seen: list[torch.dtype] = []
-    mlp = next(m for n, m in model.lm.named_modules() if n.endswith("mlp.down_proj"))
-    handle = mlp.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
-    try:
+    _, model, support, query = _tiny_lora_batches()
+    with _output_dtypes(model) as seen:
         with torch.autocast("cpu", enabled=False):
             adapt(model, support, query, 2, 1e-3, autocast_dtype=torch.bfloat16)
             support_losses(model, support, torch.bfloat16)
@@ -255,8 +259,6 @@ def test_adaptation_runs_in_the_precision_it_is_given() -> None:
             adapt(model, support, query, 2, 1e-3)
             support_losses(model, support)
         assert seen and set(seen) == {torch.float32}
-    finally:
-        handle.remove()
 
 
 def test_meta_step_hands_the_precision_to_the_engine() -> None:
