@@ -19,6 +19,7 @@ from pathlib import Path
 
 from jobs._cli import job_parser, run_main, write_summary
 from metaprep.bench import SUITES
+from metaprep.bench.journal import journal_path
 from metaprep.bench.report import markdown_table
 from metaprep.errors import ConfigError
 from metaprep.jsonio import check_writable
@@ -54,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, choices=("cpu", "cuda"),
                    help="throughput: cpu (default; the issue's targets) or cuda (the recipe's `gpu` section: one GPU, "
                         "DeepSpeed ZeRO-2, utilisation against the GPU's measured matmul peak)")
+    p.add_argument("--resume", action="store_true",
+                   help="LM suites: reuse the finished units of an interrupted run with the same --out, suite, "
+                        "protocol and tasks (kept in OUT.units.jsonl; seeds and methods may be added)")
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow even if a URI is set")
     return p
 
@@ -92,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     report = run(args)
     report = {"suite": args.suite, "runtime_s": round(time.perf_counter() - start, 2), **report}
     write_summary(args.out, report)
+    journal_path(args.out).unlink(missing_ok=True)  # the result holds every unit now
     table = markdown_table(report)
     md_path = Path(args.out).with_suffix(".md")
     md_path.write_text(f"### {args.suite}\n\n{table}\nruntime: {report['runtime_s']} s\n")

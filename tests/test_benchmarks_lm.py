@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from metaprep.bench.journal import journal_path
 from metaprep.bench.lm_report import (
     aggregate,
     check_targets,
@@ -117,6 +118,7 @@ def test_quick_suite_runs_and_reports_finite_rows(suite, extra, tmp_path):
     report = json.loads(out.read_text())
     assert report["suite"] == suite and report["runtime_s"] > 0
     assert out.with_suffix(".md").exists()
+    assert not journal_path(out).exists()  # the unit journal goes once the result holds every unit
     rows = report["results"]
     methods = {r["method"] for r in rows}
     assert "finetune" in methods and len(methods) >= 2

@@ -44,6 +44,7 @@ from dataclasses import replace
 import torch
 
 from metaprep.bench.generate import target_logprobs
+from metaprep.bench.journal import unit_journal
 from metaprep.bench.lm_suites import Fold, Protocol, build_report, make_config, mean_or_nan, run_folds, setup_suite
 from metaprep.config import TasksConfig
 from metaprep.errors import ConfigError
@@ -134,11 +135,12 @@ def run(args: argparse.Namespace) -> dict:
 
     if encoder:
         records = run_folds("convai2_mc", [fold], proto, model_path, hook=encoder_accuracy_hook, val_score=val_score,
-                            batch_fn=make_mc_batch)
+                            batch_fn=make_mc_batch, journal=unit_journal(args))
         return build_report("convai2_mc", records, proto, model_path, args, ("accuracy", "accuracy_before"),
                             scoring="bi-encoder: cosine of mean-pooled embeddings, argmax over 20 candidates",
                             scorer="encoder", chance=1 / 20)
-    records = run_folds("convai2_mc", [fold], proto, model_path, hook=mc_accuracy_hook, val_score=val_score)
+    records = run_folds("convai2_mc", [fold], proto, model_path, hook=mc_accuracy_hook, val_score=val_score,
+                        journal=unit_journal(args))
     return build_report("convai2_mc", records, proto, model_path, args, ("accuracy",),
                         scoring="causal-LM ranking: mean log-prob per reply token, argmax over 20 candidates",
                         scorer="lm", chance=1 / 20)

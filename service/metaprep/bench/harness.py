@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from metaprep.bench.journal import UnitJournal
 from metaprep.bench.protocol import Protocol, protocol_for, split_method
 from metaprep.bench.report import mean_or_nan
 from metaprep.config import MetaTrainConfig, TasksConfig, apply_overrides, from_dict, to_dict
@@ -224,9 +225,20 @@ def _meta_val_scorer(model, tok, episodes: list, proto: Protocol, hook: Hook | N
     return score_at
 
 
+def _identity(suite: str, folds: list[Fold], proto: Protocol, model_path: str) -> dict:
+    """What a journal's units belong to: all but the seeds and methods, which a resumed run may extend.
+    A fold's ``path`` is left out: the multidomain and summarization folds are temporary folders."""
+    protocol = {k: v for k, v in to_dict(proto).items() if k not in ("seeds", "methods")}
+    return {"suite": suite, "model_path": model_path, "protocol": protocol,
+            "folds": [{"name": f.name, "tasks": {k: v for k, v in f.tasks.items() if k != "path"},
+                       "test": [t.name for t in f.test or []],
+                       "val": [t.name for t in f.val or []]} for f in folds]}
+
+
 def run_folds(suite: str, folds: list[Fold], proto: Protocol, model_path: str, hook: Hook | None = None,
               val_score: Callable[[list[list[float]], dict], float] | None = None,
-              prepare_fn: Callable | None = None, batch_fn: Callable[..., TaskBatch] | None = None) -> list[dict]:
+              prepare_fn: Callable | None = None, batch_fn: Callable[..., TaskBatch] | None = None,
+              journal: UnitJournal | None = None) -> list[dict]:
     """Meta-train and evaluate every (fold, seed, method); one record each (curves, timings, lr choice).
 
     Prints the plan (folds x seeds x methods) and a line as each unit starts and ends, with the ETA
@@ -237,6 +249,8 @@ def run_folds(suite: str, folds: list[Fold], proto: Protocol, model_path: str, h
     ``prepare_fn`` (default :func:`prepare`) and ``batch_fn`` swap in another model family (the
     convai2_mc sentence encoder); by default each method's batches come from its config's
     :func:`~metaprep.tasks.families.batch_encoder` (with the TAMS task encoder where configured).
+    ``journal`` (:mod:`metaprep.bench.journal`) keeps each finished unit on disk and hands back those of an
+    interrupted run of the same suite, protocol and tasks, which are then not run again.
     """
     prepare_fn = prepare_fn or prepare
     torch.set_num_threads(proto.threads)  # finetune never enters the training loop, which would set it
@@ -244,6 +258,7 @@ def run_folds(suite: str, folds: list[Fold], proto: Protocol, model_path: str, h
     val_score = val_score or (lambda curve, extras: mean_or_nan(curve[-1]))
     records, chosen = [], {}
     progress = Progress(suite, (len(folds), "fold"), (proto.seeds, "seed"), (len(proto.methods), "method"))
+    resumed = journal.open(_identity(suite, folds, proto, model_path)) if journal is not None else {}
     for fold in folds:
         probe = make_config("finetune", 0, proto, fold, model_path)
         split = fold.split or load_split(probe)
@@ -262,6 +277,14 @@ def run_folds(suite: str, folds: list[Fold], proto: Protocol, model_path: str, h
             for method in proto.methods:
                 unit = f"fold {fold.name} seed {seed} method {method}"
                 progress.start(unit)
+                if (fold.name, seed, method) in resumed:
+                    rec = resumed[(fold.name, seed, method)]
+                    if seed == 0:
+                        chosen[(fold.name, method)] = (rec["lr"], {float(k): v for k, v in rec["val_scores"].items()})
+                    records.append(rec)
+                    progress.done(unit, f"lr={rec['lr']:g} query loss {mean_or_nan(rec['curve'][-1]):.3f} "
+                                        f"(resumed from {journal.path})")
+                    continue
                 c0, t0 = time.process_time(), time.perf_counter()
                 model, tok, info = prepare_fn(method, seed, proto, fold, model_path)
                 method_batch_fn = batch_fn or method_batches(method, proto, fold, model_path)
@@ -284,6 +307,8 @@ def run_folds(suite: str, folds: list[Fold], proto: Protocol, model_path: str, h
                                 "tasks": [ep.task for ep in test_eps], "curve": curve, "extras": extras,
                                 "meta_train_s": round(t1 - t0, 2), "tune_s": round(t2 - t1, 2),
                                 "eval_s": round(t3 - t2, 2), "cpu_s": round(time.process_time() - c0, 2), **info})
+                if journal is not None:
+                    journal.add(records[-1])
                 progress.done(unit, f"lr={lr:g} query loss {mean_or_nan(curve[0]):.3f} -> {mean_or_nan(curve[-1]):.3f} "
                                     f"(train {t1 - t0:.0f}s, tune {t2 - t1:.0f}s, eval {t3 - t2:.0f}s)")
                 del model

@@ -29,6 +29,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from metaprep.bench.harness import Fold, make_config, run_folds, setup_suite  # noqa: F401 (make_config: convai2_mc)
+from metaprep.bench.journal import unit_journal
 from metaprep.bench.lm_report import aggregate, build_report
 from metaprep.bench.protocol import Protocol
 from metaprep.bench.report import mean_or_nan  # noqa: F401 (re-exported for bench.convai2_mc)
@@ -55,7 +56,7 @@ def run_persona(args: argparse.Namespace) -> dict:
         fold.name, test_source = "synthetic_persona_chat", f"{args.persona_test_csv} personas"
         if not proto.test_tasks:
             proto = replace(proto, test_tasks=16)
-    records = run_folds("persona", [fold], proto, model_path)
+    records = run_folds("persona", [fold], proto, model_path, journal=unit_journal(args))
     return build_report("persona", records, proto, model_path, args, test_source=test_source,
                         split_sizes=_sizes(fold))
 
@@ -90,7 +91,7 @@ def run_multidomain(args: argparse.Namespace) -> dict:
     """Held-out ``--test-domains`` of a ``<domain>.jsonl`` folder; metric: perplexity."""
     root, model_path, proto = setup_suite(args, "multidomain")
     with multidomain_fold(args, root) as (fold, test):
-        records = run_folds("multidomain", [fold], proto, model_path)
+        records = run_folds("multidomain", [fold], proto, model_path, journal=unit_journal(args))
     return build_report("multidomain", records, proto, model_path, args, test_domains=test,
                         split_sizes=_sizes(fold))
 
@@ -138,7 +139,7 @@ def run_summarization(args: argparse.Namespace) -> dict:
             folds.append(Fold(held_out.name, {"family": "jsonl", "path": str(folder), "val_fraction": 0.15,
                                               "test_fraction": 0.05},
                               test=shard(held_out, proto.shard_size, proto.test_shards)))
-        records = run_folds("summarization", folds, proto, model_path, hook=_rouge_hook)
+        records = run_folds("summarization", folds, proto, model_path, hook=_rouge_hook, journal=unit_journal(args))
     per_domain = {}
     for fold in folds:
         _, summary = aggregate([r for r in records if r["fold"] == fold.name], proto, ("rouge1", "rouge2", "rougeL"))
