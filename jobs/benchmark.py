@@ -19,7 +19,7 @@ from pathlib import Path
 
 from jobs._cli import job_parser, run_main, write_summary
 from metaprep.bench import SUITES
-from metaprep.bench.journal import journal_path
+from metaprep.bench.journal import journal_identity, journal_path
 from metaprep.bench.report import markdown_table
 from metaprep.errors import ConfigError
 from metaprep.jsonio import check_writable
@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "DeepSpeed ZeRO-2, utilisation against the GPU's measured matmul peak)")
     p.add_argument("--resume", action="store_true",
                    help="LM suites: reuse the finished units of an interrupted run with the same --out, suite, "
-                        "protocol and tasks (kept in OUT.units.jsonl; seeds and methods may be added)")
+                        "protocol and tasks (kept in OUT.units.jsonl), or of the finished result OUT; seeds and "
+                        "methods may be added")
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow even if a URI is set")
     return p
 
@@ -95,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     report = run(args)
     report = {"suite": args.suite, "runtime_s": round(time.perf_counter() - start, 2), **report}
+    identity = journal_identity(args.out)
+    if identity is not None:  # so that --resume can extend the finished result (journal.py)
+        report["identity"] = identity
     write_summary(args.out, report)
     journal_path(args.out).unlink(missing_ok=True)  # the result holds every unit now
     table = markdown_table(report)

@@ -39,7 +39,7 @@ def suite(monkeypatch, tmp_path):
 
     monkeypatch.setattr(harness, "evaluate", evaluate)
 
-    def run(journal, fail_at=None):
+    def run(journal, fail_at=None, seeds=None):
         def prepare(method, seed, proto, fold, model_path):
             if (seed, method) == fail_at:
                 raise Interrupted
@@ -49,8 +49,8 @@ def suite(monkeypatch, tmp_path):
         fold = Fold("synthetic", {"family": "synthetic"}, test=tasks[10:],
                     split=TaskSplit(tasks[:8], tasks[8:10], tasks[10:]))
         fold.val = tasks[8:10]
-        return run_folds("persona", [fold], proto, "stories260K", prepare_fn=prepare, batch_fn=lambda *a: None,
-                         journal=journal)
+        return run_folds("persona", [fold], replace(proto, seeds=seeds or proto.seeds), "stories260K",
+                         prepare_fn=prepare, batch_fn=lambda *a: None, journal=journal)
 
     return run, calls, proto, tmp_path
 
@@ -107,3 +107,33 @@ def test_resuming_the_journal_of_another_protocol_is_refused(suite, monkeypatch)
     path.write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
     with pytest.raises(ConfigError, match=r"--resume: .*out\.json\.units\.jsonl.*another run.*protocol"):
         run(UnitJournal(path, resume=True))
+
+
+def test_a_finished_result_is_extended_with_another_seed(suite):
+    """jobs.benchmark stores the journal's identity in the result and deletes the journal; ``--resume``
+    on that result then runs only the new seed's units, which equal those of a straight run."""
+    run, calls, _, tmp = suite
+    out = tmp / "out.json"
+    straight = run(None)
+    first = run(UnitJournal(journal_path(out), resume=False, result=out), seeds=1)
+    header = json.loads(journal_path(out).read_text().splitlines()[0])
+    out.write_text(json.dumps({"identity": header["identity"], "runs": first}))
+    journal_path(out).unlink()
+
+    calls["prepare"].clear()
+    extended = run(UnitJournal(journal_path(out), resume=True, result=out))
+    assert calls["prepare"] == [(1, "finetune"), (1, "multitask")]
+    assert _timeless(extended) == _timeless(straight)
+    assert len(journal_path(out).read_text().splitlines()) == 1 + 4  # the handed-over units are journaled too
+
+
+def test_a_result_of_another_protocol_is_refused(suite):
+    run, _, _, tmp = suite
+    out = tmp / "out.json"
+    first = run(UnitJournal(journal_path(out), resume=False, result=out))
+    identity = json.loads(journal_path(out).read_text().splitlines()[0])["identity"]
+    identity["model_path"] = "another"
+    out.write_text(json.dumps({"identity": identity, "runs": first}))
+    journal_path(out).unlink()
+    with pytest.raises(ConfigError, match=r"--resume: .*out\.json holds the result of another run.*model_path"):
+        run(UnitJournal(journal_path(out), resume=True, result=out))
