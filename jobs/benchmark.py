@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     report = run(args)
     report = {"suite": args.suite, "runtime_s": round(time.perf_counter() - start, 2), **report}
     identity = journal_identity(args.out)
-    if identity is not None:  # so that --resume can extend the finished result (journal.py)
+    if identity is not None and identity.get("suite") == args.suite:  # --resume extends the result (journal.py)
         report["identity"] = identity
     write_summary(args.out, report)
     journal_path(args.out).unlink(missing_ok=True)  # the result holds every unit now

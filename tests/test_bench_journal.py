@@ -13,7 +13,7 @@ import pytest
 
 from metaprep.bench import harness
 from metaprep.bench.harness import Fold, run_folds
-from metaprep.bench.journal import UnitJournal, journal_path
+from metaprep.bench.journal import UnitJournal, journal_identity, journal_path
 from metaprep.bench.protocol import protocol_for
 from metaprep.errors import ConfigError
 from metaprep.tasks.base import TaskSplit
@@ -116,8 +116,7 @@ def test_a_finished_result_is_extended_with_another_seed(suite):
     out = tmp / "out.json"
     straight = run(None)
     first = run(UnitJournal(journal_path(out), resume=False, result=out), seeds=1)
-    header = json.loads(journal_path(out).read_text().splitlines()[0])
-    out.write_text(json.dumps({"identity": header["identity"], "runs": first}))
+    out.write_text(json.dumps({"identity": journal_identity(out), "runs": first}))
     journal_path(out).unlink()
 
     calls["prepare"].clear()
@@ -131,8 +130,7 @@ def test_a_result_of_another_protocol_is_refused(suite):
     run, _, _, tmp = suite
     out = tmp / "out.json"
     first = run(UnitJournal(journal_path(out), resume=False, result=out))
-    identity = json.loads(journal_path(out).read_text().splitlines()[0])["identity"]
-    identity["model_path"] = "another"
+    identity = {**journal_identity(out), "model_path": "another"}
     out.write_text(json.dumps({"identity": identity, "runs": first}))
     journal_path(out).unlink()
     with pytest.raises(ConfigError, match=r"--resume: .*out\.json holds the result of another run.*model_path"):

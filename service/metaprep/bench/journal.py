@@ -44,14 +44,16 @@ class UnitJournal:
             head = _parse(lines[0]) if lines else None
             _check(self.path, "the units", (head or {}).get("identity"), identity)
             done = _by_unit(_parse(line) for line in lines[1:])
+            if done:
+                return done
         elif self.resume and self.result is not None and self.result.exists():
             finished = _parse(self.result.read_text()) or {}
             if "identity" in finished:
                 _check(self.result, "the result", finished["identity"], identity)
                 done = _by_unit(finished.get("runs", []))
+        # a fresh journal: its header, then the units a finished result hands over
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if not (self.resume and self.path.exists() and done):  # a fresh journal, holding what a result hands over
-            self.path.write_text("".join(json.dumps(x) + "\n" for x in [{"identity": identity}, *done.values()]))
+        self.path.write_text("".join(json.dumps(x) + "\n" for x in [{"identity": identity}, *done.values()]))
         return done
 
     def add(self, record: dict) -> None:
