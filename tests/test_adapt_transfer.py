@@ -37,6 +37,36 @@ def test_batched_adapt_runs_round_trip_through_mlflow_and_filter_by_tag(tmp_path
     assert row.meta_features == {"shots": 4.0, "zero_shot_loss": 5.0}
 
 
+def test_query_halves_keep_the_support_and_split_the_query() -> None:
+    from metaprep.bench.adapt_transfer import query_halves
+    from metaprep.errors import DataError
+    from metaprep.tasks.base import Episode, Example
+
+    ex = [Example(f"p{i}", f"t{i}") for i in range(8)]
+    a, b = query_halves([Episode("x", ex[:3], ex[3:8])])
+    assert a[0].support == b[0].support == ex[:3] and a[0].query + b[0].query == ex[3:8]
+    assert (len(a[0].query), len(b[0].query)) == (2, 3)
+    with pytest.raises(DataError, match="query_size"):
+        query_halves([Episode("x", ex[:3], ex[3:4])])
+
+
+def test_crossfit_choice_is_scored_out_of_sample_and_never_beats_the_in_sample_oracle() -> None:
+    from metaprep.bench.adapt_transfer import crossfit_loss
+
+    # the halves disagree: each half's favourite is scored on the other half, where it is the worse setting
+    half_a, half_b = {"s1": 1.0, "s2": 2.0}, {"s1": 3.0, "s2": 1.5}
+    assert crossfit_loss(half_a, half_b) == (3.0 + 2.0) / 2
+    # the halves agree: out of sample = in sample
+    assert crossfit_loss({"s1": 1.0, "s2": 2.0}, {"s1": 1.2, "s2": 2.5}) == (1.2 + 1.0) / 2
+    rng = random.Random(0)
+    for _ in range(500):
+        keys = [f"s{i}" for i in range(rng.randint(1, 6))]
+        half_a = {k: rng.random() for k in keys}
+        half_b = {k: rng.random() for k in keys}
+        oracle = min((half_a[k] + half_b[k]) / 2 for k in keys)
+        assert crossfit_loss(half_a, half_b) >= oracle - 1e-12
+
+
 def _domains(folder: Path, n: int = 6, passages: int = 24) -> None:
     folder.mkdir()
     for d in range(n):
@@ -57,12 +87,14 @@ def test_adapt_transfer_suite_on_generated_domains(tmp_path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
     rows = {(r["method"], r["metric"]): r for r in report["results"]}
-    assert set(rows) == {(m, k) for m in ("recommended", "surrogate", "default", "best_default", "oracle")
-                         for k in ("query_loss", "regret")}
-    assert rows[("oracle", "regret")]["mean"] == 0.0
-    for method in ("recommended", "surrogate", "default", "best_default"):  # the oracle is the best of the same grid
-        assert rows[(method, "regret")]["mean"] >= 0.0
+    assert set(rows) == {(m, k) for m in ("recommended", "surrogate", "default", "best_default", "oracle",
+                                          "oracle_crossfit") for k in ("query_loss", "regret", "vs_best_default")}
+    assert rows[("oracle", "regret")]["mean"] == 0.0 and rows[("best_default", "vs_best_default")]["mean"] == 0.0
+    for method in ("recommended", "surrogate", "default", "best_default", "oracle_crossfit"):
+        assert rows[(method, "regret")]["mean"] >= 0.0  # the oracle is the best of the same grid
         assert rows[(method, "query_loss")]["mean"] >= rows[("oracle", "query_loss")]["mean"] - 1e-9
+        assert math.isclose(rows[(method, "vs_best_default")]["mean"], rows[(method, "query_loss")]["mean"]
+                            - rows[("best_default", "query_loss")]["mean"], abs_tol=1e-9)  # paired, same tasks
     assert all(math.isfinite(r["mean"]) for r in report["results"])
     seed = report["seeds"][0]
     grid = report["settings_grid"]

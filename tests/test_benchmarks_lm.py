@@ -285,6 +285,10 @@ def test_compare_pairs_two_runs_and_refuses_different_protocols(tmp_path):
     other = run(tmp_path / "other.json", 80, "multitask", 2.25, seq_len=64)
     with pytest.raises(ConfigError, match="protocol differs from .* in seq_len"):
         compare(f"{long}:mltd", f"{other}:multitask")
+    # a compute-matched variant reports the meta-steps it ran, not the protocol's
+    matched = run(tmp_path / "matched.json", 160, "multitask+meta.meta_steps=520", 2.0)
+    out = compare(f"{long}:mltd", f"{matched}:multitask+meta.meta_steps=520")
+    assert (out["a"]["meta_steps"], out["b"]["meta_steps"]) == (160, 520)
 
 
 

@@ -24,7 +24,14 @@ Tune) recommends how to *adapt a meta-learned model*; metaprep has that model's 
    - ``default``: ``jobs.adapt``'s fixed defaults (the recipe's inner lr and inner optimizer, 10 steps);
    - ``best_default``: the one setting with the lowest mean regret over the training tasks;
    - ``oracle``: the best setting of the grid for that task, chosen on its own query set (a bound, not a
-     method); ``regret`` = query loss − the oracle's.
+     method); ``regret`` = query loss − the oracle's;
+   - ``oracle_crossfit``: the best setting for the task chosen on one half of its query set and scored on the
+     other, both ways (cross-fitting). ``oracle`` is optimistic: picking the minimum of the grid's noisy losses on the
+     same examples it is scored on finds noise as well as signal. ``oracle_crossfit`` is the best any per-task
+     rule can do from the task's *own labelled data* once that selection noise is removed; where it is not
+     below ``best_default``, per-task choice has nothing a recommender could learn at this grid's resolution.
+   Every method is also reported as ``vs_best_default``: its query loss minus ``best_default``'s on the same
+   task (paired; negative = better). A task's query loss is the mean of its two halves' losses.
 """
 
 from __future__ import annotations
@@ -50,7 +57,7 @@ from metaprep.bench.harness import (
 from metaprep.bench.report import mean_or_nan, result
 from metaprep.errors import DataError
 from metaprep.progress import Progress, say
-from metaprep.tasks.base import fixed_episodes
+from metaprep.tasks.base import Episode, fixed_episodes
 from metaprep.train.adapt_task import DEFAULT_STEPS
 from metaprep.transfer.adapt_settings import (
     EXPERIMENT,
@@ -66,7 +73,8 @@ from metaprep.transfer.adapt_settings import (
 
 MAX_TRAIN_TASKS = 20
 QUICK = {"max_train_tasks": 6, "steps": (1, 2), "shots": (2,), "fit": {"steps": 200, "members": 4}}
-METHODS = ("recommended", "surrogate", "default", "best_default", "oracle")
+METHODS = ("recommended", "surrogate", "default", "best_default", "oracle", "oracle_crossfit")
+METRICS = ("query_loss", "regret", "vs_best_default")
 
 
 def grid_and_default(proto, quick: bool) -> tuple[list[dict], dict]:
@@ -105,6 +113,22 @@ def _grid_on(model, tok, episodes, proto, batch_fn, grid, what: str):
     return adapt_grid(adapt_curve, support_losses(model, tok, episodes, proto, batch_fn), grid)
 
 
+def query_halves(episodes: list[Episode]) -> tuple[list[Episode], list[Episode]]:
+    """Each episode twice, with the same support and the two halves of its query set (the first
+    ``len(query) // 2`` examples, then the rest)."""
+    if any(len(ep.query) < 2 for ep in episodes):
+        raise DataError("adapt_transfer: the held-out episodes need >= 2 query examples (query_size) to score a "
+                        "per-task choice on examples it was not made on")
+    return ([Episode(ep.task, ep.support, ep.query[: len(ep.query) // 2]) for ep in episodes],
+            [Episode(ep.task, ep.support, ep.query[len(ep.query) // 2:]) for ep in episodes])
+
+
+def crossfit_loss(half_a: dict[tuple, float], half_b: dict[tuple, float]) -> float:
+    """The loss of a per-task choice scored out of sample: the setting best on half A scored on half B, and the
+    one best on half B scored on half A, averaged. Never below the in-sample oracle of the averaged halves."""
+    return (half_b[min(half_a, key=half_a.get)] + half_a[min(half_b, key=half_b.get)]) / 2
+
+
 @contextlib.contextmanager
 def _fold(args: argparse.Namespace, root) -> Iterator[Fold]:
     if getattr(args, "domains_dir", None):
@@ -125,7 +149,7 @@ def run(args: argparse.Namespace) -> dict:
     shots_grid = QUICK["shots"] if quick else SHOTS
     max_train = QUICK["max_train_tasks"] if quick else MAX_TRAIN_TASKS
     uri = None if getattr(args, "no_mlflow", False) else os.environ.get("MLFLOW_TRACKING_URI")
-    values: dict[str, dict[str, list[float]]] = {m: {"query_loss": [], "regret": []} for m in METHODS}
+    values: dict[str, dict[str, list[float]]] = {m: {metric: [] for metric in METRICS} for m in METHODS}
     picks: dict[str, Counter] = {"recommended": Counter(), "surrogate": Counter(), "best_default": Counter()}
     per_seed, n_runs = [], []
     with _fold(args, root) as fold:
@@ -159,7 +183,9 @@ def run(args: argparse.Namespace) -> dict:
             settings = learn_from(runs, grid, label, uri, seed, quick)
             t_fit = time.perf_counter()
             test_eps = fixed_episodes(test_tasks, proto.shots, proto.query_size, seed)
-            losses, support_loss, _ = _grid_on(model, tok, test_eps, proto, batch_fn, grid, "held-out tasks")
+            (losses_a, support_loss, _), (losses_b, _, _) = (
+                _grid_on(model, tok, half, proto, batch_fn, grid, f"held-out tasks, query half {h}")
+                for h, half in enumerate(query_halves(test_eps), 1))
             by_name = {t.name: t for t in test_tasks}
             from metaprep.train.adapt_task import task_meta_features
 
@@ -168,25 +194,27 @@ def run(args: argparse.Namespace) -> dict:
                 chosen = {"recommended": settings.choose(meta)[0],
                           "surrogate": settings.recommender.rank(meta, grid, k=1)[0].config,
                           "default": default, "best_default": settings.fixed}
-                oracle = min(losses[i].values())
-                for name, setting in chosen.items():
-                    loss = losses[i][setting_key(setting)]
+                losses = {k: (losses_a[i][k] + losses_b[i][k]) / 2 for k in losses_a[i]}
+                oracle, reference = min(losses.values()), losses[setting_key(settings.fixed)]
+                scored = {name: losses[setting_key(setting)] for name, setting in chosen.items()}
+                scored |= {"oracle": oracle, "oracle_crossfit": crossfit_loss(losses_a[i], losses_b[i])}
+                for name, loss in scored.items():
                     values[name]["query_loss"].append(loss)
                     values[name]["regret"].append(loss - oracle)
-                    if name in picks:
-                        picks[name][str(setting_key(setting))] += 1
-                values["oracle"]["query_loss"].append(oracle)
-                values["oracle"]["regret"].append(0.0)
+                    values[name]["vs_best_default"].append(loss - reference)
+                for name in picks:
+                    picks[name][str(setting_key(chosen[name]))] += 1
             n_runs.append(len(runs))
             per_seed.append({"seed": seed, "prepared_model": label, "runs": len(runs), "train_tasks": len(train_tasks),
                              "test_tasks": len(test_eps), "best_default": settings.fixed, "rule": settings.rule,
                              "cross_validation": settings.cv, "prepare_s": round(t_prep - t0, 2),
                              "runs_s": round(t_runs - t_prep, 2), "fit_s": round(t_fit - t_runs, 2),
                              "logged_to_mlflow": bool(uri)})
-            last = {m: mean_or_nan(values[m]["regret"][-len(test_eps):]) for m in ("recommended", "default")}
+            last = {m: mean_or_nan(values[m]["regret"][-len(test_eps):])
+                    for m in ("recommended", "default", "best_default", "oracle_crossfit")}
             progress.done(unit, f"{len(runs)} adapt runs, rule {settings.rule} (cv regret surrogate "
                                 f"{settings.cv['surrogate']:.4f}, fixed {settings.cv['fixed']:.4f}), regret "
-                                f"recommended {last['recommended']:.4f}, default {last['default']:.4f}")
+                                + ", ".join(f"{m} {v:.4f}" for m, v in last.items()))
             del model
         progress.finish()
     setting = {"model": os.path.basename(model_path.rstrip("/")), "prepared": method, "shots": proto.shots}
