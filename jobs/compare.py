@@ -17,7 +17,7 @@ from pathlib import Path
 
 from jobs._cli import job_parser, run_main
 from metaprep.bench.lm_report import RUN_FIELDS, paired_differences, run_record_problem
-from metaprep.bench.protocol import split_method
+from metaprep.bench.protocol import method_override
 from metaprep.errors import ConfigError
 from metaprep.jsonio import read_json
 
@@ -80,8 +80,8 @@ def compare(a: str, b: str) -> dict:
 def method_meta_steps(method: str, protocol_steps: int) -> int:
     """The meta-steps ``method`` ran: its own ``+meta.meta_steps=N`` override (e.g. a compute-matched
     ``multitask+meta.meta_steps=130``), else the protocol's."""
-    steps = [o.split("=", 1)[1] for o in split_method(method)[1] if o.split("=", 1)[0].strip() == "meta.meta_steps"]
-    return int(steps[-1]) if steps else protocol_steps
+    steps = method_override(method, "meta.meta_steps")
+    return protocol_steps if steps is None else int(steps)
 
 
 HEADER = ("| A | B | A − B query loss after adaptation (95 % CI) | before adaptation | pairs |\n"

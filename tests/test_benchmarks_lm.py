@@ -291,6 +291,14 @@ def test_compare_pairs_two_runs_and_refuses_different_protocols(tmp_path):
     assert (out["a"]["meta_steps"], out["b"]["meta_steps"]) == (160, 520)
 
 
+def test_method_override_reads_the_last_value_a_method_sets():
+    from metaprep.bench.protocol import method_override
+
+    assert method_override("multitask+meta.meta_steps=130", "meta.meta_steps") == "130"
+    assert method_override("mltd+meta.meta_steps=5+meta.inner_steps=2+meta.meta_steps=9", "meta.meta_steps") == "9"
+    assert method_override("mltd+meta.inner_steps=2", "meta.meta_steps") is None
+    assert method_override("mltd+meta.meta_steps_x=2", "meta.meta_steps") is None
+
 
 def test_readme_results_section_is_what_the_result_files_render():
     """README's results summary and RESULTS.md are regenerated from results/*.json, never edited by hand:

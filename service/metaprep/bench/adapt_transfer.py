@@ -100,9 +100,10 @@ def learn_from(runs, grid, label: str, uri: str | None, seed: int, quick: bool) 
                                fit_kwargs=QUICK["fit"] if quick else None)
 
 
-def _grid_on(model, tok, episodes, proto, batch_fn, grid, what: str):
+def _grid_on(model, tok, episodes, proto, batch_fn, grid, what: str, support_loss: list[float] | None = None):
     """:func:`adapt_grid` of ``episodes`` through the harness's chunked, protocol-precision adaptation; a line
-    per (lr, optimizer)."""
+    per (lr, optimizer). ``support_loss``: the episodes' support losses where the caller has them (episodes
+    that share their support, e.g. :func:`query_halves`), else computed here."""
     def adapt_curve(lr: float, optimizer: str, steps: int) -> list[list[float]]:
         t0 = time.perf_counter()
         curve = evaluate(model, tok, episodes, proto, lr, batch_fn=batch_fn, optimizer=optimizer, steps=steps)[0]
@@ -110,7 +111,9 @@ def _grid_on(model, tok, episodes, proto, batch_fn, grid, what: str):
                               f"loss {mean_or_nan(curve[0]):.4f} -> {mean_or_nan(curve[-1]):.4f} "
                               f"({time.perf_counter() - t0:.0f} s)")
         return curve
-    return adapt_grid(adapt_curve, support_losses(model, tok, episodes, proto, batch_fn), grid)
+    if support_loss is None:
+        support_loss = support_losses(model, tok, episodes, proto, batch_fn)
+    return adapt_grid(adapt_curve, support_loss, grid)
 
 
 def query_halves(episodes: list[Episode]) -> tuple[list[Episode], list[Episode]]:
@@ -183,9 +186,12 @@ def run(args: argparse.Namespace) -> dict:
             settings = learn_from(runs, grid, label, uri, seed, quick)
             t_fit = time.perf_counter()
             test_eps = fixed_episodes(test_tasks, proto.shots, proto.query_size, seed)
-            (losses_a, support_loss, _), (losses_b, _, _) = (
-                _grid_on(model, tok, half, proto, batch_fn, grid, f"held-out tasks, query half {h}")
-                for h, half in enumerate(query_halves(test_eps), 1))
+            half_a, half_b = query_halves(test_eps)
+            support_loss = support_losses(model, tok, test_eps, proto, batch_fn)
+            losses_a = _grid_on(model, tok, half_a, proto, batch_fn, grid, "held-out tasks, query half 1",
+                                support_loss)[0]
+            losses_b = _grid_on(model, tok, half_b, proto, batch_fn, grid, "held-out tasks, query half 2",
+                                support_loss)[0]
             by_name = {t.name: t for t in test_tasks}
             from metaprep.train.adapt_task import task_meta_features
 

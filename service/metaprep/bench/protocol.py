@@ -116,6 +116,14 @@ def split_method(method: str) -> tuple[str, list[str]]:
     return algorithm.strip(), [o.strip() for o in overrides]
 
 
+def method_override(method: str, key: str) -> str | None:
+    """The value ``method`` sets for config ``key`` with a ``+key=value`` override (the last one wins), or None
+    (e.g. ``method_override("multitask+meta.meta_steps=130", "meta.meta_steps") == "130"``)."""
+    values = [value for name, _, value in (o.partition("=") for o in split_method(method)[1])
+              if name.strip() == key]
+    return values[-1].strip() if values else None
+
+
 def method_config_error(method: str) -> str | None:
     """Why ``method`` is not a valid method, or None (the overrides are checked as config keys)."""
     from metaprep.config import MetaTrainConfig, load_config
