@@ -107,7 +107,8 @@ def test_shard_is_disjoint_and_deterministic():
 
 @pytest.mark.skipif(not HAVE_SHARED, reason="../shared data or stories260K not present")
 @pytest.mark.parametrize("suite,extra", [("persona", []), ("multidomain", []), ("summarization", []),
-                                         ("convai2_mc", []), ("convai2_mc", ["--mc-scorer", "lm"])])
+                                         ("convai2_mc", []), ("convai2_mc", ["--mc-scorer", "lm"]),
+                                         ("convai2_mc", ["--methods", "finetune,meta_lora+meta.inner_steps=2"])])
 def test_quick_suite_runs_and_reports_finite_rows(suite, extra, tmp_path):
     out = tmp_path / f"{suite}.json"
     env = {k: v for k, v in os.environ.items() if k != "METAPREP_BENCH_METHODS"}
@@ -132,7 +133,8 @@ def test_quick_suite_runs_and_reports_finite_rows(suite, extra, tmp_path):
         assert math.isfinite(r["mean"]) and math.isfinite(r["ci95"]), r
     if suite == "convai2_mc":
         assert all(0.0 <= r["mean"] <= 1.0 for r in rows if r["metric"] == "accuracy")
-        assert report["scorer"] == ("lm" if extra else "encoder")  # no --model-path: MiniLM (DESIGN.md §4)
+        # no --model-path: MiniLM (DESIGN.md §4); a method variant runs on the encoder scorer too
+        assert report["scorer"] == ("lm" if "--mc-scorer" in extra else "encoder")
     assert report["plots"] and all(Path(p).is_file() for p in report["plots"])
     assert set(report["curves"]) and report["protocol"]["quick"] is True
 

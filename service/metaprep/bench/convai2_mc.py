@@ -46,6 +46,7 @@ import torch
 from metaprep.bench.generate import target_logprobs
 from metaprep.bench.journal import unit_journal
 from metaprep.bench.lm_suites import Fold, Protocol, build_report, make_config, mean_or_nan, run_folds, setup_suite
+from metaprep.bench.protocol import split_method
 from metaprep.config import TasksConfig
 from metaprep.errors import ConfigError
 from metaprep.meta.algorithm import algorithm_names
@@ -118,9 +119,9 @@ def run(args: argparse.Namespace) -> dict:
     quick = bool(getattr(args, "quick", False))
     if not (os.environ.get("METAPREP_BENCH_METHODS") or getattr(args, "methods", None)) and not encoder:
         proto = replace(proto, methods=QUICK_MC_METHODS if quick else MC_METHODS)
-    if encoder and any(m not in algorithm_names(encoder_ok=True) for m in proto.methods):
-        raise ConfigError(f"--methods: the encoder scorer runs {', '.join(algorithm_names(encoder_ok=True))}, "
-                          f"got {','.join(proto.methods)}")
+    if encoder and any(split_method(m)[0] not in algorithm_names(encoder_ok=True) for m in proto.methods):
+        raise ConfigError(f"--methods: the encoder scorer runs {', '.join(algorithm_names(encoder_ok=True))} "
+                          f"(each optionally with +KEY=VALUE overrides), got {','.join(proto.methods)}")
     fold = Fold("convai2", {"family": "persona", "data_dir": str(root)})
     persona = load_split(make_config("finetune", 0, proto, fold, model_path))
     mc = {t.name: t for t in load_convai2_mc_tasks(TasksConfig(family="convai2_mc"), root)}
